@@ -1,0 +1,90 @@
+"""The CPU engine: PyTorch eager, channels_last, bf16 autocast where the CPU has it.
+
+Precision is chosen at start-up: ``auto`` picks bf16 on CPUs with native bf16 (AVX512-BF16 or
+AMX; about 3x faster than fp32 here with the same defect maps), fp32 elsewhere. The choice is
+logged and exported as a metric label by the caller.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from linescan.backends import F32
+from linescan.errors import EngineError
+from linescan.model.autoencoder import VariationalAutoencoder
+from linescan.model.bundle import Bundle
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise EngineError(
+            f"torch CPU backend: precision must be one of {PRECISIONS}, got {precision!r}"
+        )
+    if precision == "auto":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return precision
+
+
+def vae_noise(latent: int, samples: int, seed: int = 0) -> torch.Tensor:
+    """Fixed posterior noise: the same N draws for every tile, so inspection is deterministic
+    (a tile's score never depends on which batch or frame it arrived in)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(samples, latent, 1, 1, generator=g)
+
+
+class TorchBackend:
+    def __init__(self, bundle: Bundle, precision: str = "auto", threads: int | None = None) -> None:
+        self.name = "torch"
+        self.precision = resolve_precision(precision)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self._module = bundle.module.eval()
+        self._module = self._module.to(memory_format=torch.channels_last)
+        self._meta = bundle.meta
+        self._noise = (
+            vae_noise(bundle.meta.latent, bundle.meta.vae_samples)
+            if isinstance(self._module, VariationalAutoencoder)
+            else None
+        )
+
+    @torch.inference_mode()
+    def infer(self, batch: F32) -> F32:
+        try:
+            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                y = self._forward(x)
+            out: F32 = y.float().contiguous().numpy()
+        except RuntimeError as exc:
+            raise EngineError(f"torch CPU inference failed: {exc}") from exc
+        return out
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self._module
+        if isinstance(m, VariationalAutoencoder):
+            if self._noise is None:  # pragma: no cover - set in __init__ for a VAE
+                raise EngineError("VAE backend without posterior noise")
+            mu, logvar = m.encode(x)
+            std = torch.exp(0.5 * logvar)
+            outs = [m.decoder(mu + eps[None] * std) for eps in self._noise]
+            return torch.cat(outs, dim=1)
+        out: torch.Tensor = m(x)
+        return out
+
+    def close(self) -> None:
+        return None

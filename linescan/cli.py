@@ -1,0 +1,289 @@
+"""The ``linescan`` command: train | calibrate | inspect | evaluate | serve | demo | ...
+
+Every subcommand is a thin shell around a library function; errors the user can fix
+(``LinescanError``) print one clear line and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from linescan import __version__
+from linescan.errors import LinescanError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _resize_arg(text: str) -> tuple[int, int]:
+    try:
+        if "x" in text:
+            w, h = text.lower().split("x", 1)
+            return int(w), int(h)
+        return int(text), int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--resize wants N or WxH, got {text!r}") from exc
+
+
+def _scale_arg(text: str) -> int:
+    """--scale 1/2 or 0.5 -> block factor 2; only 1/n factors stream exactly."""
+    try:
+        value = float(text.split("/")[0]) / float(text.split("/")[1]) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError) as exc:
+        raise argparse.ArgumentTypeError(f"--scale wants a factor like 1/2 or 0.25, got {text!r}") from exc
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"--scale must be in (0, 1], got {text!r}")
+    n = round(1 / value)
+    if abs(1 / n - value) > 1e-6:
+        raise argparse.ArgumentTypeError(
+            f"--scale must be 1/n for a whole number n (1, 1/2, 1/3, 1/4, ...), got {text!r}"
+        )
+    return n
+
+
+# --------------------------------------------------------------------------- train
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from linescan.calibrate import calibrate
+    from linescan.model.bundle import load_bundle, update_meta
+    from linescan.backends.torch_cpu import TorchBackend
+    from linescan.preprocess import InputSpec
+    from linescan.ssim import SSIMParams
+    from linescan.train import TrainConfig, train
+
+    if a.scale is not None and a.resize is not None:
+        raise LinescanError("give either --scale or --resize, not both")
+    if a.scale is not None:
+        spec = InputSpec(downscale=a.scale)
+    elif a.resize is not None:
+        spec = InputSpec(resize=a.resize)
+    else:
+        spec = InputSpec(resize=(256, 256))  # the paper's default
+    cfg = TrainConfig(
+        data=a.data,
+        out=a.out,
+        loss=a.loss,
+        latent=a.latent,
+        patch=a.patch,
+        patches=a.patches,
+        epochs=a.epochs,
+        batch=a.batch,
+        lr=a.lr,
+        weight_decay=a.weight_decay,
+        input=spec,
+        bit_depth=a.bit_depth,
+        ssim=SSIMParams(window=a.ssim_window, gaussian=not a.ssim_uniform),
+        seed=a.seed,
+        device=a.device,
+        precision=a.precision,
+        checkpoint_every=a.checkpoint_every,
+        resume=a.resume,
+        holdout=a.holdout,
+        fm_weights=a.fm_weights,
+        name=a.name,
+        command=" ".join(shlex.quote(x) for x in ["linescan", *sys.argv[1:]]),
+    )
+    res = train(cfg)
+    print(f"saved {res.bundle} ({res.meta.model_id}); final loss {res.final_loss:.5f}, "
+          f"{res.seconds:.0f} s")
+    if res.holdout_images:
+        bundle = load_bundle(res.bundle)
+        cal = calibrate(res.holdout_images, bundle.meta, TorchBackend(bundle))
+        update_meta(res.bundle, threshold=cal.threshold, calibration=cal.record)
+        print(f"threshold {cal.threshold:.4f} ({cal.record['rule']}, "
+              f"{len(res.holdout_images)} held-out images)")
+    else:
+        print("no held-out images (fewer than 5): run `linescan calibrate` before inspecting")
+    return 0
+
+
+# --------------------------------------------------------------------------- calibrate
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    from linescan.backends import create_backend
+    from linescan.calibrate import calibrate
+    from linescan.data.images import training_images
+    from linescan.model.bundle import load_bundle, update_meta
+    from linescan.pipeline import Settings
+
+    bundle = load_bundle(a.model)
+    paths = training_images(a.data)
+    backend = create_backend(bundle, a.backend, a.precision)
+    cal = calibrate(paths, bundle.meta, backend, a.rule, a.margin, a.quantile,
+                    Settings(stride=a.stride))
+    if not a.dry_run:
+        update_meta(a.model, threshold=cal.threshold, calibration=cal.record)
+    print(json.dumps({"threshold": cal.threshold, **cal.record}, indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    import cv2
+
+    from linescan.backends import create_backend
+    from linescan.data.images import read_grey
+    from linescan.model.bundle import load_bundle
+    from linescan.pipeline import Settings, inspect_image
+    from linescan.render import full_mask, heat_map, overlay, to_display
+
+    bundle = load_bundle(a.model)
+    meta = bundle.meta
+    backend = create_backend(bundle, a.backend, a.precision)
+    a.out.mkdir(parents=True, exist_ok=True)
+    settings = Settings(threshold=a.threshold, stride=a.stride, max_batch=a.batch,
+                        min_area_px=a.min_area)
+    total = 0
+    for path in a.images:
+        t0 = time.perf_counter()
+        img = read_grey(path)
+        res = inspect_image(img, meta, backend, settings)
+        h, w = img.shape
+        mask = full_mask(res.mask, h, w, meta.input)
+        stem = path.stem
+        cv2.imwrite(str(a.out / f"{stem}_mask.png"), mask)
+        cv2.imwrite(str(a.out / f"{stem}_residual.png"),
+                    heat_map(res.residual, res.threshold, h, w, meta.input))
+        cv2.imwrite(str(a.out / f"{stem}_overlay.png"),
+                    overlay(to_display(img, meta.input.bit_depth), mask))
+        seconds = time.perf_counter() - t0
+        doc = {
+            "image": str(path),
+            "width": w,
+            "height": h,
+            "model": meta.model_id,
+            "threshold": res.threshold,
+            "residual": meta.residual,
+            "seconds": round(seconds, 3),
+            "regions": [r.to_dict() for r in res.regions],
+        }
+        (a.out / f"{stem}_regions.json").write_text(json.dumps(doc, indent=2) + "\n")
+        total += len(res.regions)
+        print(f"{path}: {len(res.regions)} defect region(s) in {seconds:.2f} s")
+    print(f"{total} region(s) in {len(a.images)} image(s); pictures and JSON in {a.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from linescan.backends import create_backend
+    from linescan.evaluation_run import run_evaluation
+    from linescan.model.bundle import load_bundle
+
+    bundle = load_bundle(a.model)
+    backend = create_backend(bundle, a.backend, a.precision)
+    ev = run_evaluation(a.data, bundle.meta, backend, a.out, stride=a.stride,
+                        residual=a.residual, name=bundle.meta.name)
+    print(json.dumps(ev, indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="torch", help="torch (default), onnxruntime, tensorrt")
+    p.add_argument("--precision", default="auto", help="auto (bf16 where native), fp32, bf16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="linescan",
+        description="Streaming unsupervised defect inspection for line-scan cameras.",
+    )
+    ap.add_argument("--version", action="version", version=f"linescan {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train an autoencoder on defect-free images")
+    t.add_argument("--data", type=Path, required=True,
+                   help="MVTec-layout category (train/good/*.png) or a folder of images")
+    t.add_argument("--out", type=Path, required=True, help="model bundle directory to write")
+    t.add_argument("--loss", choices=["ssim", "l2", "vae", "fm"], default="ssim")
+    t.add_argument("--latent", type=int, default=100, help="latent size d (paper: 100)")
+    t.add_argument("--patch", type=int, default=128, help="patch size (multiple of 16)")
+    t.add_argument("--patches", type=int, default=10_000, help="random crops (paper: 10,000)")
+    t.add_argument("--epochs", type=int, default=200, help="epochs (paper: 200)")
+    t.add_argument("--batch", type=int, default=64)
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--weight-decay", type=float, default=1e-5)
+    t.add_argument("--resize", type=_resize_arg, default=None,
+                   help="resize every image to N or WxH (default 256x256, the paper's)")
+    t.add_argument("--scale", type=_scale_arg, default=None,
+                   help="down-scale by 1/n instead (keeps the aspect ratio; streamable)")
+    t.add_argument("--bit-depth", type=int, default=None,
+                   help="significant bits of 16-bit images (default: 8 or 16 from the files)")
+    t.add_argument("--ssim-window", type=int, default=11, help="SSIM window K (odd)")
+    t.add_argument("--ssim-uniform", action="store_true", help="uniform instead of Gaussian window")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    t.add_argument("--precision", default="auto", help="auto, fp32 or bf16 (CPU autocast)")
+    t.add_argument("--checkpoint-every", type=int, default=10, help="epochs between checkpoints")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    t.add_argument("--holdout", type=float, default=0.1,
+                   help="fraction of images kept out of training to calibrate the threshold")
+    t.add_argument("--fm-weights", type=Path, default=None,
+                   help="AlexNet conv1-3 weights file for --loss fm")
+    t.add_argument("--name", default=None, help="model name (default: the bundle folder name)")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("calibrate", help="set a bundle's threshold from defect-free images")
+    c.add_argument("--model", type=Path, required=True)
+    c.add_argument("--data", type=Path, required=True,
+                   help="defect-free images (MVTec layout: train/good) or a folder")
+    c.add_argument("--rule", choices=["max-opened", "quantile"], default="max-opened")
+    c.add_argument("--margin", type=float, default=1.1, help="factor on the max-opened value")
+    c.add_argument("--quantile", type=float, default=0.999, help="pixel quantile for --rule quantile")
+    c.add_argument("--stride", type=int, default=None)
+    c.add_argument("--dry-run", action="store_true", help="print, do not store in the bundle")
+    _add_engine_args(c)
+    c.set_defaults(func=cmd_calibrate)
+
+    i = sub.add_parser("inspect", help="inspect images offline; write mask, heat map, overlay, JSON")
+    i.add_argument("--model", type=Path, required=True)
+    i.add_argument("images", type=Path, nargs="+")
+    i.add_argument("--out", type=Path, required=True)
+    i.add_argument("--threshold", type=float, default=None, help="override the bundle's")
+    i.add_argument("--stride", type=int, default=None, help="tile stride (bundle default: 30)")
+    i.add_argument("--batch", type=int, default=64)
+    i.add_argument("--min-area", type=int, default=0, help="drop regions smaller than this (px)")
+    _add_engine_args(i)
+    i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("evaluate", help="pixel ROC/AUC, PRO and region overlap on a test set")
+    e.add_argument("--model", type=Path, required=True)
+    e.add_argument("--data", type=Path, required=True, help="MVTec-layout category")
+    e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--stride", type=int, default=None)
+    e.add_argument("--residual", choices=["ssim", "l2", "vae"], default=None,
+                   help="score with another residual than the bundle's (cross terms)")
+    _add_engine_args(e)
+    e.set_defaults(func=cmd_evaluate)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Handler = args.func
+    try:
+        return func(args)
+    except LinescanError as exc:
+        print(f"linescan {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"linescan {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

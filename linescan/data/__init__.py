@@ -1,0 +1,1 @@
+"""Image I/O, dataset layouts (MVTec-AD, plain folders) and synthetic webs for tests and demos."""

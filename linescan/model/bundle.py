@@ -1,0 +1,298 @@
+"""Model bundles: a directory with the weights and everything needed to use them.
+
+    BUNDLE/
+      bundle.json     metadata: architecture, latent size, patch, loss, residual, SSIM window and
+                      constants, input normalisation and scaling, stride, threshold and how it was
+                      calibrated, the training data summary and command line, weight checksums
+      weights.pt      a plain ``state_dict`` of tensors, read with ``torch.load(weights_only=True)``
+      model.onnx      (optional, ``linescan export``) the same network with a dynamic batch axis
+
+Safety: nothing here unpickles arbitrary objects. ``weights_only=True`` restricts the unpickler
+to tensors and plain containers, and before that the file's SHA-256 must equal the one in
+``bundle.json``: a truncated, tampered or swapped weights file is refused with a message that
+says which check failed. The metadata is validated field by field on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import torch
+from torch import nn
+
+from linescan.errors import ModelError
+from linescan.model.autoencoder import ARCHITECTURE, Autoencoder, VariationalAutoencoder
+from linescan.preprocess import InputSpec
+from linescan.residual import RESIDUAL_KINDS, ResidualKind
+from linescan.ssim import SSIMParams
+
+FORMAT = "linescan-bundle"
+FORMAT_VERSION = 1
+META_FILE = "bundle.json"
+WEIGHTS_FILE = "weights.pt"
+ONNX_FILE = "model.onnx"
+
+Loss = Literal["ssim", "l2", "vae", "fm"]
+LOSSES: tuple[Loss, ...] = ("ssim", "l2", "vae", "fm")
+
+
+@dataclass(frozen=True)
+class BundleMeta:
+    loss: Loss
+    latent: int
+    patch: int
+    residual: ResidualKind
+    ssim: SSIMParams = SSIMParams()
+    input: InputSpec = InputSpec()
+    stride: int = 30
+    threshold: float | None = None
+    calibration: dict[str, Any] | None = None
+    vae_samples: int = 6
+    vae_sigma: float = 0.1
+    name: str = "model"
+    training: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str = ""
+    onnx_sha256: str | None = None
+    created: str = ""
+
+    @property
+    def variant(self) -> Literal["ae", "vae"]:
+        return "vae" if self.loss == "vae" else "ae"
+
+    @property
+    def channels(self) -> int:
+        """Reconstructions per tile the engine returns: N posterior samples for a VAE."""
+        return self.vae_samples if self.variant == "vae" else 1
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.name}@{self.weights_sha256[:12]}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "created": self.created,
+            "model": {
+                "architecture": ARCHITECTURE,
+                "variant": self.variant,
+                "loss": self.loss,
+                "latent": self.latent,
+                "patch": self.patch,
+                "residual": self.residual,
+                "vae_samples": self.vae_samples,
+                "vae_sigma": self.vae_sigma,
+            },
+            "ssim": self.ssim.to_dict(),
+            "input": self.input.to_dict(),
+            "inspection": {
+                "stride": self.stride,
+                "threshold": self.threshold,
+                "opening_disk_diameter": 4,
+                "calibration": self.calibration,
+            },
+            "training": self.training,
+            "weights": {"file": WEIGHTS_FILE, "sha256": self.weights_sha256},
+            "onnx": {"file": ONNX_FILE, "sha256": self.onnx_sha256} if self.onnx_sha256 else None,
+        }
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    meta: BundleMeta
+    module: nn.Module
+
+
+def build_module(meta: BundleMeta) -> nn.Module:
+    if meta.variant == "vae":
+        return VariationalAutoencoder(meta.patch, meta.latent)
+    return Autoencoder(meta.patch, meta.latent)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_meta(path: Path, meta: BundleMeta) -> None:
+    text = json.dumps(meta.to_json(), indent=2, sort_keys=False) + "\n"
+    _atomic_write_bytes(path / META_FILE, text.encode())
+
+
+def save_bundle(path: Path, module: nn.Module, meta: BundleMeta) -> BundleMeta:
+    """Write weights and metadata; returns the metadata with checksum and date filled in."""
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    tmp = path / f".{WEIGHTS_FILE}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path / WEIGHTS_FILE)
+    meta = replace(
+        meta,
+        weights_sha256=sha256_file(path / WEIGHTS_FILE),
+        created=meta.created or datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    write_meta(path, meta)
+    return meta
+
+
+def update_meta(path: Path, **changes: Any) -> BundleMeta:
+    """Change metadata fields (e.g. the threshold) of an existing, valid bundle."""
+    meta = read_meta(path)
+    meta = replace(meta, **changes)
+    write_meta(path, meta)
+    return meta
+
+
+def _get(d: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
+    if key not in d:
+        raise ModelError(f"{where}: missing field {key!r}")
+    v = d[key]
+    if typ is float and isinstance(v, int) and not isinstance(v, bool):
+        return float(v)
+    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+        raise ModelError(f"{where}: field {key!r} has the wrong type ({type(v).__name__})")
+    return v
+
+
+def read_meta(path: Path) -> BundleMeta:
+    """Read and validate ``bundle.json``; raises ModelError saying what is wrong."""
+    if not path.is_dir():
+        raise ModelError(f"model bundle {path} does not exist or is not a directory")
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise ModelError(f"{path} is not a model bundle: {META_FILE} is missing")
+    where = str(meta_path)
+    try:
+        raw = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{where} is corrupt (not valid JSON): {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ModelError(f"{where} is corrupt: not a JSON object")
+    if raw.get("format") != FORMAT:
+        raise ModelError(f"{where}: not a linescan bundle (format {raw.get('format')!r})")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise ModelError(
+            f"{where}: bundle format version {raw.get('format_version')!r} is not supported "
+            f"(this linescan reads version {FORMAT_VERSION})"
+        )
+    try:
+        m = _get(raw, "model", dict, where)
+        arch = _get(m, "architecture", str, where + " model")
+        if arch != ARCHITECTURE:
+            raise ModelError(f"{where}: unknown architecture {arch!r} (expected {ARCHITECTURE!r})")
+        loss = _get(m, "loss", str, where + " model")
+        if loss not in LOSSES:
+            raise ModelError(f"{where}: unknown loss {loss!r}; expected one of {LOSSES}")
+        residual = _get(m, "residual", str, where + " model")
+        if residual not in RESIDUAL_KINDS:
+            raise ModelError(f"{where}: unknown residual {residual!r}; expected {RESIDUAL_KINDS}")
+        s = _get(raw, "ssim", dict, where)
+        ssim = SSIMParams(
+            window=_get(s, "window", int, where + " ssim"),
+            sigma=_get(s, "sigma", float, where + " ssim"),
+            gaussian=_get(s, "gaussian", bool, where + " ssim"),
+            k1=_get(s, "k1", float, where + " ssim"),
+            k2=_get(s, "k2", float, where + " ssim"),
+            data_range=_get(s, "data_range", float, where + " ssim"),
+        )
+        i = _get(raw, "input", dict, where)
+        resize = i.get("resize")
+        if resize is not None and not (
+            isinstance(resize, list)
+            and len(resize) == 2
+            and all(isinstance(v, int) for v in resize)
+        ):
+            raise ModelError(f"{where}: input.resize must be null or [width, height]")
+        inp = InputSpec(
+            bit_depth=_get(i, "bit_depth", int, where + " input"),
+            downscale=_get(i, "downscale", int, where + " input"),
+            resize=(resize[0], resize[1]) if resize else None,
+        )
+        insp = _get(raw, "inspection", dict, where)
+        threshold = insp.get("threshold")
+        if threshold is not None and not isinstance(threshold, int | float):
+            raise ModelError(f"{where}: inspection.threshold must be a number or null")
+        w = _get(raw, "weights", dict, where)
+        onnx = raw.get("onnx")
+        meta = BundleMeta(
+            name=_get(raw, "name", str, where),
+            created=str(raw.get("created", "")),
+            loss=cast(Loss, loss),
+            latent=_get(m, "latent", int, where + " model"),
+            patch=_get(m, "patch", int, where + " model"),
+            residual=cast(ResidualKind, residual),
+            vae_samples=_get(m, "vae_samples", int, where + " model"),
+            vae_sigma=_get(m, "vae_sigma", float, where + " model"),
+            ssim=ssim,
+            input=inp,
+            stride=_get(insp, "stride", int, where + " inspection"),
+            threshold=float(threshold) if threshold is not None else None,
+            calibration=insp.get("calibration"),
+            training=raw.get("training") or {},
+            weights_sha256=_get(w, "sha256", str, where + " weights"),
+            onnx_sha256=onnx.get("sha256") if isinstance(onnx, dict) else None,
+        )
+    except ValueError as exc:  # out-of-range values rejected by the dataclasses
+        raise ModelError(f"{where}: {exc}") from exc
+    if meta.latent < 1 or meta.patch < 16 or meta.patch % 16 or not 1 <= meta.stride <= meta.patch:
+        raise ModelError(
+            f"{where}: inconsistent model (latent={meta.latent}, patch={meta.patch}, "
+            f"stride={meta.stride})"
+        )
+    return meta
+
+
+def load_bundle(path: Path) -> Bundle:
+    """Load and verify a bundle: metadata, checksum, then weights into the architecture."""
+    path = Path(path)
+    meta = read_meta(path)
+    wpath = path / WEIGHTS_FILE
+    if not wpath.is_file():
+        raise ModelError(f"model bundle {path}: weights file {WEIGHTS_FILE} is missing")
+    digest = sha256_file(wpath)
+    if digest != meta.weights_sha256:
+        raise ModelError(
+            f"model bundle {path}: {WEIGHTS_FILE} does not match the checksum in {META_FILE} "
+            f"(file is truncated, corrupt or was replaced); refusing to load it"
+        )
+    try:
+        state = torch.load(wpath, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for unreadable/unsafe files
+        raise ModelError(f"model bundle {path}: cannot read {WEIGHTS_FILE}: {exc}") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"model bundle {path}: {WEIGHTS_FILE} is not a plain state_dict")
+    module = build_module(meta)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(
+            f"model bundle {path}: weights do not fit the architecture in {META_FILE} "
+            f"(latent={meta.latent}, patch={meta.patch}, loss={meta.loss}): {exc}"
+        ) from exc
+    module.eval()
+    return Bundle(path=path, meta=meta, module=module)

@@ -1,0 +1,398 @@
+"""Training: random crops of defect-free images, Adam, the paper's recipe by default.
+
+The paper (section 4.2): 10,000 patches of 128x128 cropped at random positions from the
+defect-free images, first down-scaled to 256x256; 200 epochs of Adam with learning rate 2e-4 and
+weight decay 1e-5. Every number is a flag. For a line-scan web, a fixed 256x256 resize would
+crush the aspect ratio (AITEX images are 4096x256): ``downscale`` keeps it (a block factor n).
+
+The crop positions are drawn once from the seed (the paper's fixed set of 10,000 patches) and
+reshuffled every epoch from (seed, epoch), so a run resumed from a checkpoint continues exactly
+as it would have without the interruption. Checkpoints hold tensors and numbers only
+(``torch.load(weights_only=True)`` reads them).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F  # noqa: N812 - the universal alias
+from torch import nn
+
+from linescan.backends.torch_cpu import cpu_has_native_bf16
+from linescan.data.images import read_grey, training_images
+from linescan.errors import DataError, ModelError
+from linescan.model.autoencoder import FeatureExtractor, VariationalAutoencoder
+from linescan.model.bundle import BundleMeta, Loss, build_module, save_bundle
+from linescan.preprocess import InputSpec
+from linescan.residual import ResidualKind
+from linescan.ssim import SSIMParams, ssim_torch
+
+F32 = npt.NDArray[np.float32]
+CHECKPOINT = "checkpoints/last.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: Path
+    out: Path
+    loss: Loss = "ssim"
+    latent: int = 100
+    patch: int = 128
+    patches: int = 10_000
+    epochs: int = 200
+    batch: int = 64
+    lr: float = 2e-4
+    weight_decay: float = 1e-5
+    input: InputSpec = field(default_factory=lambda: InputSpec(resize=(256, 256)))
+    bit_depth: int | None = None  # None: from the images' dtype
+    ssim: SSIMParams = field(default_factory=SSIMParams)
+    seed: int = 0
+    device: str = "cpu"
+    precision: str = "auto"  # auto | fp32 | bf16
+    checkpoint_every: int = 10
+    resume: bool = False
+    holdout: float = 0.1  # fraction of images kept out of training for calibration
+    fm_weights: Path | None = None
+    fm_lambda: float = 1.0
+    name: str | None = None
+    command: str = ""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    bundle: Path
+    meta: BundleMeta
+    final_loss: float
+    seconds: float
+    holdout_images: list[Path]
+
+
+def default_residual(loss: Loss) -> ResidualKind:
+    return {"ssim": "ssim", "l2": "l2", "fm": "l2", "vae": "vae"}[loss]  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_images(paths: Sequence[Path], spec: InputSpec, patch: int) -> list[F32]:
+    """Model-scale float images; every image must hold at least one patch."""
+    out = []
+    for p in paths:
+        img = read_grey(p)
+        x = spec.to_model(img)
+        if x.shape[0] < patch or x.shape[1] < patch:
+            raise DataError(
+                f"{p}: {img.shape[1]}x{img.shape[0]} px is {x.shape[1]}x{x.shape[0]} at the "
+                f"model's scale, smaller than one {patch}x{patch} patch; use a smaller --patch "
+                "or less down-scaling"
+            )
+        out.append(x)
+    return out
+
+
+def infer_bit_depth(paths: Sequence[Path]) -> int:
+    dtypes = {read_grey(p).dtype for p in paths[: min(len(paths), 8)]}
+    if len(dtypes) > 1:
+        raise DataError(f"training images mix bit depths ({sorted(map(str, dtypes))})")
+    return 16 if np.dtype(next(iter(dtypes))) == np.uint16 else 8
+
+
+def split_holdout(paths: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """Keep some defect-free images out of training to calibrate the threshold on unseen data."""
+    n_hold = int(len(paths) * fraction) if len(paths) >= 5 else 0
+    if fraction > 0 and len(paths) >= 5:
+        n_hold = max(1, n_hold)
+    if n_hold == 0:
+        return paths, []
+    rng = np.random.default_rng(seed + 7919)
+    idx = rng.permutation(len(paths))
+    hold = sorted(paths[i] for i in idx[:n_hold])
+    train = sorted(paths[i] for i in idx[n_hold:])
+    return train, hold
+
+
+def crop_positions(
+    images: Sequence[F32], count: int, patch: int, seed: int
+) -> npt.NDArray[np.int64]:
+    """(count, 3) rows of (image, y, x): images drawn in proportion to their crop positions."""
+    rng = np.random.default_rng(seed)
+    sizes = np.array(
+        [(x.shape[0] - patch + 1) * (x.shape[1] - patch + 1) for x in images], dtype=np.float64
+    )
+    which = rng.choice(len(images), size=count, p=sizes / sizes.sum())
+    ys = np.array([rng.integers(0, images[i].shape[0] - patch + 1) for i in which])
+    xs = np.array([rng.integers(0, images[i].shape[1] - patch + 1) for i in which])
+    return np.stack([which, ys, xs], axis=1).astype(np.int64)
+
+
+def gather(images: Sequence[F32], pos: npt.NDArray[np.int64], patch: int) -> torch.Tensor:
+    out = np.empty((len(pos), 1, patch, patch), dtype=np.float32)
+    for k, (i, y, x) in enumerate(pos):
+        out[k, 0] = images[int(i)][y : y + patch, x : x + patch]
+    return torch.from_numpy(out)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def load_feature_extractor(path: Path) -> FeatureExtractor:
+    """AlexNet's first three conv layers from a user-given weights file (never downloaded)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for unreadable files
+        raise ModelError(f"feature-extractor weights {path}: cannot read: {exc}") from exc
+    if not isinstance(state, dict):
+        raise ModelError(f"feature-extractor weights {path}: not a state_dict")
+    aliases = {"features.0": "conv1", "features.3": "conv2", "features.6": "conv3"}
+    mapped: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        for src, dst in aliases.items():
+            if k.startswith(src + "."):
+                k = dst + k[len(src) :]
+        if k.split(".")[0] in ("conv1", "conv2", "conv3"):
+            mapped[k] = v
+    fe = FeatureExtractor()
+    try:
+        fe.load_state_dict(mapped, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(
+            f"feature-extractor weights {path} do not hold AlexNet conv1-conv3: {exc}"
+        ) from exc
+    fe.eval()
+    for p in fe.parameters():
+        p.requires_grad_(False)
+    return fe
+
+
+LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def make_loss(cfg: TrainConfig, amp: bool) -> LossFn:
+    ssim_params = cfg.ssim
+
+    def forward(model: nn.Module, x: torch.Tensor) -> Any:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            return model(x)
+
+    if cfg.loss == "ssim":
+
+        def ssim_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            y = forward(model, x).float()
+            return 1.0 - ssim_torch(x, y, ssim_params).mean()
+
+        return ssim_loss
+    if cfg.loss == "l2":
+
+        def l2_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            return F.mse_loss(forward(model, x).float(), x)
+
+        return l2_loss
+    if cfg.loss == "vae":
+
+        def vae_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            out = forward(model, x)
+            rec = out.reconstruction.float()
+            mu, logvar = out.mu.float(), out.logvar.float()
+            n_px = x[0].numel()
+            # Gaussian decoder: per-pixel squared error, KL spread over the pixels so both
+            # terms are per-pixel quantities of comparable scale.
+            kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1).mean() / n_px
+            return F.mse_loss(rec, x) + 0.01 * kl
+
+        return vae_loss
+    if cfg.loss == "fm":
+        if cfg.fm_weights is None:
+            raise ModelError(
+                "--loss fm needs --fm-weights FILE: AlexNet conv1-conv3 weights (a state_dict "
+                "saved with torch.save); pretrained weights cannot be downloaded by linescan"
+            )
+        fe = load_feature_extractor(cfg.fm_weights)
+        lam = cfg.fm_lambda
+
+        def fm_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            y = forward(model, x).float()
+            return F.mse_loss(y, x) + lam * F.mse_loss(fe(y), fe(x))
+
+        return fm_loss
+    raise ModelError(f"unknown loss {cfg.loss!r}")
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """One status line on stderr: epoch, batch, loss, speed, ETA. Plain lines when not a TTY."""
+
+    def __init__(self, total_steps: int, stream: TextIO = sys.stderr) -> None:
+        self.total = total_steps
+        self.stream = stream
+        self.t0 = time.monotonic()
+        self.done0 = 0
+        self.tty = stream.isatty()
+        self._last = 0.0
+
+    def start_at(self, done: int) -> None:
+        self.done0 = done
+
+    def update(self, done: int, epoch: int, epochs: int, loss: float, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self._last < (0.2 if self.tty else 10.0):
+            return
+        self._last = now
+        rate = (done - self.done0) / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else math.inf
+        pct = 100.0 * done / max(self.total, 1)
+        bar_w = 24
+        filled = int(bar_w * done / max(self.total, 1))
+        bar = "#" * filled + "." * (bar_w - filled)
+        msg = (
+            f"epoch {epoch}/{epochs} [{bar}] {pct:5.1f}% loss {loss:.5f} "
+            f"{rate:.1f} batch/s ETA {_fmt_s(eta)}"
+        )
+        if self.tty:
+            self.stream.write("\r" + msg + ("\n" if final else ""))
+        else:
+            self.stream.write(msg + "\n")
+        self.stream.flush()
+
+
+def _fmt_s(s: float) -> str:
+    if not math.isfinite(s):
+        return "--:--"
+    m, sec = divmod(int(s), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
+
+
+# --------------------------------------------------------------------------- loop
+
+
+def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> TrainResult:
+    t_start = time.monotonic()
+    if cfg.device != "cpu" and not torch.cuda.is_available():
+        raise ModelError(f"--device {cfg.device}: CUDA is not available on this machine")
+    paths = training_images(cfg.data)
+    train_paths, hold = split_holdout(paths, cfg.holdout, cfg.seed)
+    bit_depth = cfg.bit_depth or infer_bit_depth(train_paths)
+    spec = replace(cfg.input, bit_depth=bit_depth)
+    images = load_images(train_paths, spec, cfg.patch)
+    pos = crop_positions(images, cfg.patches, cfg.patch, cfg.seed)
+
+    torch.manual_seed(cfg.seed)
+    meta = BundleMeta(
+        loss=cfg.loss,
+        latent=cfg.latent,
+        patch=cfg.patch,
+        residual=default_residual(cfg.loss),
+        ssim=cfg.ssim,
+        input=spec,
+        name=cfg.name or cfg.out.name,
+    )
+    model = build_module(meta).to(cfg.device)
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    amp = cfg.device == "cpu" and (
+        cfg.precision == "bf16" or (cfg.precision == "auto" and cpu_has_native_bf16())
+    )
+    loss_fn = make_loss(cfg, amp)
+
+    start_epoch = 0
+    ckpt = cfg.out / CHECKPOINT
+    if cfg.resume:
+        if not ckpt.is_file():
+            raise ModelError(f"--resume: no checkpoint at {ckpt}")
+        state = torch.load(ckpt, map_location=cfg.device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epoch"])
+        log.write(f"resumed from {ckpt} after epoch {start_epoch}\n")
+
+    steps_per_epoch = math.ceil(cfg.patches / cfg.batch)
+    progress = Progress(cfg.epochs * steps_per_epoch, log)
+    progress.start_at(start_epoch * steps_per_epoch)
+    log.write(
+        f"training {cfg.loss} autoencoder d={cfg.latent} patch={cfg.patch} on "
+        f"{len(images)} images ({len(hold)} held out for calibration), {cfg.patches} crops, "
+        f"{cfg.epochs} epochs, {'bf16' if amp else 'fp32'}, {torch.get_num_threads()} threads\n"
+    )
+    epoch_loss = float("nan")
+    model.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        order = torch.randperm(len(pos), generator=g).numpy()
+        torch.manual_seed(cfg.seed * 7_919 + epoch)  # VAE sampling noise
+        total, n = 0.0, 0
+        for b in range(steps_per_epoch):
+            idx = order[b * cfg.batch : (b + 1) * cfg.batch]
+            x = gather(images, pos[idx], cfg.patch).to(cfg.device)
+            x = x.contiguous(memory_format=torch.channels_last)
+            loss = loss_fn(model, x)
+            if not torch.isfinite(loss):
+                raise ModelError(f"training diverged at epoch {epoch + 1} (loss {loss.item()})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            total += float(loss.item()) * len(idx)
+            n += len(idx)
+            progress.update(epoch * steps_per_epoch + b + 1, epoch + 1, cfg.epochs, total / n)
+        epoch_loss = total / max(n, 1)
+        last = epoch + 1 == cfg.epochs
+        if cfg.checkpoint_every > 0 and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
+            _save_checkpoint(ckpt, model, opt, epoch + 1)
+    progress.update(cfg.epochs * steps_per_epoch, cfg.epochs, cfg.epochs, epoch_loss, final=True)
+
+    model.eval()
+    vae_sigma = _vae_sigma(model, images, pos, cfg) if meta.variant == "vae" else meta.vae_sigma
+    seconds = time.monotonic() - t_start
+    training = {
+        "data": str(cfg.data),
+        "images": len(train_paths),
+        "holdout_images": len(hold),
+        "image_sizes": sorted({f"{x.shape[1]}x{x.shape[0]}" for x in images}),
+        "patches": cfg.patches,
+        "epochs": cfg.epochs,
+        "batch": cfg.batch,
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+        "seed": cfg.seed,
+        "precision": "bf16" if amp else "fp32",
+        "final_loss": epoch_loss,
+        "seconds": round(seconds, 1),
+        "command": cfg.command,
+        "torch": torch.__version__,
+        "host": platform.node(),
+    }
+    meta = replace(meta, vae_sigma=vae_sigma, training=training)
+    model = model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    meta = save_bundle(cfg.out, model.cpu(), meta)
+    return TrainResult(cfg.out, meta, epoch_loss, seconds, hold)
+
+
+def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch}, tmp)
+    tmp.replace(path)
+
+
+@torch.inference_mode()
+def _vae_sigma(
+    model: nn.Module, images: Sequence[F32], pos: npt.NDArray[np.int64], cfg: TrainConfig
+) -> float:
+    """RMS reconstruction error of the posterior mean on up to 512 training crops."""
+    if not isinstance(model, VariationalAutoencoder):
+        raise ModelError("internal: VAE sigma asked of a non-VAE model")
+    x = gather(images, pos[:512], cfg.patch).to(cfg.device)
+    mu, _ = model.encode(x)
+    rec = model.decoder(mu)
+    return max(float(torch.sqrt(F.mse_loss(rec, x)).item()), 1e-3)
