@@ -10,12 +10,17 @@ import argparse
 import json
 import shlex
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from linescan import __version__
 from linescan.errors import LinescanError
+
+if TYPE_CHECKING:
+    from linescan.config import Config
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -33,9 +38,13 @@ def _resize_arg(text: str) -> tuple[int, int]:
 def _scale_arg(text: str) -> int:
     """--scale 1/2 or 0.5 -> block factor 2; only 1/n factors stream exactly."""
     try:
-        value = float(text.split("/")[0]) / float(text.split("/")[1]) if "/" in text else float(text)
+        value = (
+            float(text.split("/")[0]) / float(text.split("/")[1]) if "/" in text else float(text)
+        )
     except (ValueError, ZeroDivisionError) as exc:
-        raise argparse.ArgumentTypeError(f"--scale wants a factor like 1/2 or 0.25, got {text!r}") from exc
+        raise argparse.ArgumentTypeError(
+            f"--scale wants a factor like 1/2 or 0.25, got {text!r}"
+        ) from exc
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"--scale must be in (0, 1], got {text!r}")
     n = round(1 / value)
@@ -50,9 +59,9 @@ def _scale_arg(text: str) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    from linescan.backends.torch_cpu import TorchBackend
     from linescan.calibrate import calibrate
     from linescan.model.bundle import load_bundle, update_meta
-    from linescan.backends.torch_cpu import TorchBackend
     from linescan.preprocess import InputSpec
     from linescan.ssim import SSIMParams
     from linescan.train import TrainConfig, train
@@ -90,14 +99,18 @@ def cmd_train(a: argparse.Namespace) -> int:
         command=" ".join(shlex.quote(x) for x in ["linescan", *sys.argv[1:]]),
     )
     res = train(cfg)
-    print(f"saved {res.bundle} ({res.meta.model_id}); final loss {res.final_loss:.5f}, "
-          f"{res.seconds:.0f} s")
+    print(
+        f"saved {res.bundle} ({res.meta.model_id}); final loss {res.final_loss:.5f}, "
+        f"{res.seconds:.0f} s"
+    )
     if res.holdout_images:
         bundle = load_bundle(res.bundle)
         cal = calibrate(res.holdout_images, bundle.meta, TorchBackend(bundle))
         update_meta(res.bundle, threshold=cal.threshold, calibration=cal.record)
-        print(f"threshold {cal.threshold:.4f} ({cal.record['rule']}, "
-              f"{len(res.holdout_images)} held-out images)")
+        print(
+            f"threshold {cal.threshold:.4f} ({cal.record['rule']}, "
+            f"{len(res.holdout_images)} held-out images)"
+        )
     else:
         print("no held-out images (fewer than 5): run `linescan calibrate` before inspecting")
     return 0
@@ -116,8 +129,9 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     bundle = load_bundle(a.model)
     paths = training_images(a.data)
     backend = create_backend(bundle, a.backend, a.precision)
-    cal = calibrate(paths, bundle.meta, backend, a.rule, a.margin, a.quantile,
-                    Settings(stride=a.stride))
+    cal = calibrate(
+        paths, bundle.meta, backend, a.rule, a.margin, a.quantile, Settings(stride=a.stride)
+    )
     if not a.dry_run:
         update_meta(a.model, threshold=cal.threshold, calibration=cal.record)
     print(json.dumps({"threshold": cal.threshold, **cal.record}, indent=2))
@@ -140,8 +154,9 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     meta = bundle.meta
     backend = create_backend(bundle, a.backend, a.precision)
     a.out.mkdir(parents=True, exist_ok=True)
-    settings = Settings(threshold=a.threshold, stride=a.stride, max_batch=a.batch,
-                        min_area_px=a.min_area)
+    settings = Settings(
+        threshold=a.threshold, stride=a.stride, max_batch=a.batch, min_area_px=a.min_area
+    )
     total = 0
     for path in a.images:
         t0 = time.perf_counter()
@@ -151,10 +166,13 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         mask = full_mask(res.mask, h, w, meta.input)
         stem = path.stem
         cv2.imwrite(str(a.out / f"{stem}_mask.png"), mask)
-        cv2.imwrite(str(a.out / f"{stem}_residual.png"),
-                    heat_map(res.residual, res.threshold, h, w, meta.input))
-        cv2.imwrite(str(a.out / f"{stem}_overlay.png"),
-                    overlay(to_display(img, meta.input.bit_depth), mask))
+        cv2.imwrite(
+            str(a.out / f"{stem}_residual.png"),
+            heat_map(res.residual, res.threshold, h, w, meta.input),
+        )
+        cv2.imwrite(
+            str(a.out / f"{stem}_overlay.png"), overlay(to_display(img, meta.input.bit_depth), mask)
+        )
         seconds = time.perf_counter() - t0
         doc = {
             "image": str(path),
@@ -183,10 +201,178 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     bundle = load_bundle(a.model)
     backend = create_backend(bundle, a.backend, a.precision)
-    ev = run_evaluation(a.data, bundle.meta, backend, a.out, stride=a.stride,
-                        residual=a.residual, name=bundle.meta.name)
+    ev = run_evaluation(
+        a.data,
+        bundle.meta,
+        backend,
+        a.out,
+        stride=a.stride,
+        residual=a.residual,
+        name=bundle.meta.name,
+    )
     print(json.dumps(ev, indent=2))
     return 0
+
+
+# --------------------------------------------------------------------------- daemon
+
+
+def _serve_config(a: argparse.Namespace) -> Config:
+    from linescan.config import apply_overrides, load_config
+
+    config = load_config(a.config)
+    return apply_overrides(
+        config,
+        model=a.model,
+        frames=a.frames,
+        events=a.events,
+        metrics=a.metrics,
+        backend=getattr(a, "backend", None),
+    )
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    import signal
+
+    from linescan import sdnotify
+    from linescan.backends import create_backend
+    from linescan.demo import default_bundle_path
+    from linescan.log import configure_logging, get_logger
+    from linescan.metrics import MetricsServer
+    from linescan.model.bundle import load_bundle
+    from linescan.service import Daemon
+
+    config = _serve_config(a)
+    configure_logging(config.log.format, config.log.level)
+    log = get_logger("linescan.serve")
+    plan = _configure_threads(config.engine.threads)
+    log.info("threads", **plan)
+    bundle = load_bundle(config.model.bundle or default_bundle_path())
+    backend = create_backend(
+        bundle, config.engine.backend, config.engine.precision, config.engine.threads
+    )
+    daemon = Daemon(config, bundle.meta, backend)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server = None
+    if config.metrics.enabled:
+        server = MetricsServer(
+            daemon.registry, config.metrics.host, config.metrics.port, lambda: daemon.ready
+        )
+        server.start()
+    daemon.start()
+    sdnotify.ready()
+    sdnotify.status(f"inspecting frames from {daemon.frames_endpoint}")
+    interval = sdnotify.watchdog_interval_s() or 1.0
+    while not stop.wait(min(interval, 1.0)):
+        if not daemon.alive():
+            break  # a thread died: stop pinging, let systemd restart us
+        sdnotify.watchdog()
+    sdnotify.stopping()
+    log.info("stopping: finishing frames in flight")
+    daemon.stop()
+    drained = daemon.join(60)
+    if server is not None:
+        server.stop()
+    if daemon.errors or not drained:
+        log.error("stopped with errors", errors=[str(e) for e in daemon.errors], drained=drained)
+        return 1
+    log.info("stopped", **{k: v for k, v in vars(daemon.totals).items() if isinstance(v, int)})
+    return 0
+
+
+def _configure_threads(threads: int | None) -> dict[str, object]:
+    try:
+        from linescan.threads import configure_threads
+    except ImportError:  # pragma: no cover - threads.py ships with the package
+        return {}
+    plan = configure_threads(threads)
+    return dict(vars(plan)) if hasattr(plan, "__dict__") else {"plan": str(plan)}
+
+
+def cmd_check_config(a: argparse.Namespace) -> int:
+    from linescan.config import check_config
+
+    errors = check_config(a.file)
+    for e in errors:
+        print(e)
+    if errors:
+        print(f"{a.file}: {len(errors)} error(s)", file=sys.stderr)
+        return 1
+    print(f"{a.file}: ok")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from linescan.config import apply_overrides, load_config
+    from linescan.demo import run_demo
+    from linescan.log import configure_logging
+
+    config = apply_overrides(
+        load_config(a.config),
+        model=a.model,
+        frames=a.frames,
+        events=a.events,
+        metrics=a.metrics,
+    )
+    configure_logging("console" if sys.stderr.isatty() else "json", "warning")
+    _configure_threads(config.engine.threads)
+    res = run_demo(
+        config,
+        lines=a.lines,
+        width=a.width,
+        frame_height=a.frame_height,
+        defects=a.defects,
+        line_rate_hz=a.line_rate,
+        seed=a.seed,
+    )
+    ok = res.final_status is not None and len(res.found()) > 0
+    return 0 if ok else 1
+
+
+def cmd_synth(a: argparse.Namespace) -> int:
+    from linescan.data.synthetic import write_synthetic_dataset
+
+    path = write_synthetic_dataset(
+        a.out, a.kind, a.train, a.test_good, a.test_defect, a.size, a.seed
+    )
+    print(f"wrote {a.kind} dataset to {path}")
+    return 0
+
+
+def cmd_events(a: argparse.Namespace) -> int:
+    from linescan.listen import listen
+
+    record = a.record.open("a", encoding="utf-8") if a.record else None
+    topics = tuple(a.topic) if a.topic else ("defect", "status")
+
+    def on_event(topic: str, body: dict[str, object]) -> bool:
+        line = json.dumps({"topic": topic, **body}, separators=(",", ":"))
+        if not a.quiet:
+            print(line, flush=True)
+        if record is not None:
+            record.write(line + "\n")
+            record.flush()
+        return False
+
+    try:
+        tracker = listen(a.endpoint, on_event, topics, timeout_s=a.timeout)
+    finally:
+        if record is not None:
+            record.close()
+    print(f"lost defect events: {tracker.lost_defects} {tracker.gaps}", file=sys.stderr)
+    return 1 if tracker.lost_defects else 0
+
+
+def _size_arg(text: str) -> tuple[int, int]:
+    """HxW (or N for a square) -> (height, width)."""
+    return _resize_arg(text)
 
 
 # --------------------------------------------------------------------------- parser
@@ -206,8 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train an autoencoder on defect-free images")
-    t.add_argument("--data", type=Path, required=True,
-                   help="MVTec-layout category (train/good/*.png) or a folder of images")
+    t.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="MVTec-layout category (train/good/*.png) or a folder of images",
+    )
     t.add_argument("--out", type=Path, required=True, help="model bundle directory to write")
     t.add_argument("--loss", choices=["ssim", "l2", "vae", "fm"], default="ssim")
     t.add_argument("--latent", type=int, default=100, help="latent size d (paper: 100)")
@@ -217,12 +407,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=64)
     t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--weight-decay", type=float, default=1e-5)
-    t.add_argument("--resize", type=_resize_arg, default=None,
-                   help="resize every image to N or WxH (default 256x256, the paper's)")
-    t.add_argument("--scale", type=_scale_arg, default=None,
-                   help="down-scale by 1/n instead (keeps the aspect ratio; streamable)")
-    t.add_argument("--bit-depth", type=int, default=None,
-                   help="significant bits of 16-bit images (default: 8 or 16 from the files)")
+    t.add_argument(
+        "--resize",
+        type=_resize_arg,
+        default=None,
+        help="resize every image to N or WxH (default 256x256, the paper's)",
+    )
+    t.add_argument(
+        "--scale",
+        type=_scale_arg,
+        default=None,
+        help="down-scale by 1/n instead (keeps the aspect ratio; streamable)",
+    )
+    t.add_argument(
+        "--bit-depth",
+        type=int,
+        default=None,
+        help="significant bits of 16-bit images (default: 8 or 16 from the files)",
+    )
     t.add_argument("--ssim-window", type=int, default=11, help="SSIM window K (odd)")
     t.add_argument("--ssim-uniform", action="store_true", help="uniform instead of Gaussian window")
     t.add_argument("--seed", type=int, default=0)
@@ -230,26 +432,39 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", default="auto", help="auto, fp32 or bf16 (CPU autocast)")
     t.add_argument("--checkpoint-every", type=int, default=10, help="epochs between checkpoints")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
-    t.add_argument("--holdout", type=float, default=0.1,
-                   help="fraction of images kept out of training to calibrate the threshold")
-    t.add_argument("--fm-weights", type=Path, default=None,
-                   help="AlexNet conv1-3 weights file for --loss fm")
+    t.add_argument(
+        "--holdout",
+        type=float,
+        default=0.1,
+        help="fraction of images kept out of training to calibrate the threshold",
+    )
+    t.add_argument(
+        "--fm-weights", type=Path, default=None, help="AlexNet conv1-3 weights file for --loss fm"
+    )
     t.add_argument("--name", default=None, help="model name (default: the bundle folder name)")
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("calibrate", help="set a bundle's threshold from defect-free images")
     c.add_argument("--model", type=Path, required=True)
-    c.add_argument("--data", type=Path, required=True,
-                   help="defect-free images (MVTec layout: train/good) or a folder")
+    c.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="defect-free images (MVTec layout: train/good) or a folder",
+    )
     c.add_argument("--rule", choices=["max-opened", "quantile"], default="max-opened")
     c.add_argument("--margin", type=float, default=1.1, help="factor on the max-opened value")
-    c.add_argument("--quantile", type=float, default=0.999, help="pixel quantile for --rule quantile")
+    c.add_argument(
+        "--quantile", type=float, default=0.999, help="pixel quantile for --rule quantile"
+    )
     c.add_argument("--stride", type=int, default=None)
     c.add_argument("--dry-run", action="store_true", help="print, do not store in the bundle")
     _add_engine_args(c)
     c.set_defaults(func=cmd_calibrate)
 
-    i = sub.add_parser("inspect", help="inspect images offline; write mask, heat map, overlay, JSON")
+    i = sub.add_parser(
+        "inspect", help="inspect images offline; write mask, heat map, overlay, JSON"
+    )
     i.add_argument("--model", type=Path, required=True)
     i.add_argument("images", type=Path, nargs="+")
     i.add_argument("--out", type=Path, required=True)
@@ -265,10 +480,62 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", type=Path, required=True, help="MVTec-layout category")
     e.add_argument("--out", type=Path, required=True)
     e.add_argument("--stride", type=int, default=None)
-    e.add_argument("--residual", choices=["ssim", "l2", "vae"], default=None,
-                   help="score with another residual than the bundle's (cross terms)")
+    e.add_argument(
+        "--residual",
+        choices=["ssim", "l2", "vae"],
+        default=None,
+        help="score with another residual than the bundle's (cross terms)",
+    )
     _add_engine_args(e)
     e.set_defaults(func=cmd_evaluate)
+    for name, helptext in (
+        ("serve", "run the inspection daemon"),
+        ("demo", "the daemon with the bundled model, fed a simulated web"),
+    ):
+        d = sub.add_parser(name, help=helptext)
+        d.add_argument("--config", type=Path, default=None, help="TOML file (default: built-in)")
+        d.add_argument("--model", type=Path, default=None, help="model bundle directory")
+        d.add_argument("--frames", default=None, help="frame endpoint (tcp://127.0.0.1:5555)")
+        d.add_argument("--events", default=None, help="event endpoint (tcp://127.0.0.1:5556)")
+        d.add_argument("--metrics", default=None, help="metrics ADDR:PORT (127.0.0.1:9108)")
+        if name == "serve":
+            d.add_argument("--backend", default=None, help="override engine.backend")
+            d.set_defaults(func=cmd_serve)
+        else:
+            d.add_argument("--lines", type=int, default=24_000, help="web length in lines")
+            d.add_argument("--width", type=int, default=2048, help="pixels per line")
+            d.add_argument("--frame-height", type=int, default=256)
+            d.add_argument("--defects", type=int, default=8, help="defects to plant")
+            d.add_argument(
+                "--line-rate",
+                type=float,
+                default=3000.0,
+                help="lines per second (0: as fast as the daemon takes them)",
+            )
+            d.add_argument("--seed", type=int, default=7)
+            d.set_defaults(func=cmd_demo)
+
+    cc = sub.add_parser("check-config", help="validate a config file; print every error")
+    cc.add_argument("file", type=Path)
+    cc.set_defaults(func=cmd_check_config)
+
+    sy = sub.add_parser("synth", help="write a synthetic MVTec-layout dataset (toy or woven)")
+    sy.add_argument("--kind", choices=["toy", "woven"], default="woven")
+    sy.add_argument("--out", type=Path, required=True)
+    sy.add_argument("--train", type=int, default=40)
+    sy.add_argument("--test-good", type=int, default=4)
+    sy.add_argument("--test-defect", type=int, default=8)
+    sy.add_argument("--size", type=_size_arg, default=(512, 1024), help="HxW (default 512x1024)")
+    sy.add_argument("--seed", type=int, default=0)
+    sy.set_defaults(func=cmd_synth)
+
+    ev = sub.add_parser("events", help="subscribe to a daemon's events; print or record them")
+    ev.add_argument("--endpoint", default="tcp://127.0.0.1:5556")
+    ev.add_argument("--topic", action="append", choices=["defect", "status"], default=None)
+    ev.add_argument("--record", type=Path, default=None, help="append events as JSON lines")
+    ev.add_argument("--timeout", type=float, default=None, help="stop after S idle seconds")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=cmd_events)
     return ap
 
 

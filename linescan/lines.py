@@ -49,6 +49,9 @@ class TileJob:
     raw_lines: int  # camera lines of the segment so far
     end: bool = False  # the segment ends with this job
     frames: list[FrameInfo] = field(default_factory=list)
+    line0: int = 0  # absolute web line of the segment's first line
+    raw_width: int = 0  # camera pixels per line
+    engine_error: str | None = None  # set by the inference stage when the engine failed
 
     @property
     def n_tiles(self) -> int:
@@ -95,7 +98,9 @@ class Band:
         if self.ended:
             raise RuntimeError("push after the segment ended")
         if pixels.ndim != 2 or pixels.shape[1] != self.raw_width:
-            raise ValueError(f"frame width {pixels.shape} does not match the band's {self.raw_width}")
+            raise ValueError(
+                f"frame width {pixels.shape} does not match the band's {self.raw_width}"
+            )
         if info is not None:
             self._frames.append(info)
         x = self.spec.normalise(pixels)
@@ -136,13 +141,12 @@ class Band:
         jobs = [self._job(y, end=False) for y in ys]
         if not jobs or end:
             jobs.append(self._job(None, end=end))
-        if end:
+        if end and len(jobs) >= 2 and jobs[-1].y is None:
             # the edge row and the end marker travel together: merge into the last job
-            if len(jobs) >= 2 and jobs[-1].y is None:
-                last = jobs.pop()
-                jobs[-1].end = True
-                jobs[-1].frames.extend(last.frames)
-                jobs[-1].new_rows = np.concatenate([jobs[-1].new_rows, last.new_rows])
+            last = jobs.pop()
+            jobs[-1].end = True
+            jobs[-1].frames.extend(last.frames)
+            jobs[-1].new_rows = np.concatenate([jobs[-1].new_rows, last.new_rows])
         self._trim()
         return jobs
 
@@ -161,6 +165,8 @@ class Band:
             raw_lines=self._raw,
             end=end,
             frames=self._frames,
+            line0=self.line0,
+            raw_width=self.raw_width,
         )
         self._sent = self._m
         self._frames = []

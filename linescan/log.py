@@ -99,7 +99,8 @@ def configure_logging(
         ]
         renderer = structlog.processors.JSONRenderer()
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=_colors_ok(out))
+        env = os.environ if environ is None else environ
+        renderer = structlog.dev.ConsoleRenderer(colors=_colors_ok(out, env))
 
     structlog.configure(
         processors=[*shared, renderer],
@@ -122,9 +123,10 @@ def configure_logging(
     root.setLevel(number)
 
 
-def _colors_ok(stream: TextIO) -> bool:
+def _colors_ok(stream: TextIO, environ: Mapping[str, str]) -> bool:
+    # https://no-color.org: any NO_COLOR value turns colour off.
     isatty = getattr(stream, "isatty", None)
-    return bool(callable(isatty) and isatty()) and "NO_COLOR" not in os.environ
+    return bool(callable(isatty) and isatty()) and "NO_COLOR" not in environ
 
 
 def get_logger(name: str = "linescan", **initial: Any) -> Any:

@@ -33,6 +33,10 @@ from prometheus_client.exposition import choose_encoder
 from linescan.ingest import REJECT_REASONS
 from linescan.log import get_logger
 
+# Rejections decided by the daemon rather than the wire format: a duplicate or out-of-order
+# seq, or one camera too many.
+DAEMON_REJECT_REASONS = ("sequence", "camera")
+
 __all__ = [
     "DROP_REASONS",
     "EVENT_TOPICS",
@@ -45,7 +49,7 @@ __all__ = [
 STAGES: Final = ("ingest", "band", "infer", "stitch", "residual", "segment", "publish")
 QUEUES: Final = ("ingest", "inference", "publish")
 EVENT_TOPICS: Final = ("defect", "status")
-DROP_REASONS: Final = ("overload", "shutdown")
+DROP_REASONS: Final = ("overload", "shutdown", "engine")
 
 # Tiles per batch: powers of two up to well past the default max_batch of 64.
 _BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -152,7 +156,7 @@ class Metrics:
             "linescan_engine_errors_total", "Inference backend failures.", registry=registry
         )
 
-        for reason in REJECT_REASONS:
+        for reason in (*REJECT_REASONS, *DAEMON_REJECT_REASONS):
             self.frames_rejected_total.labels(reason)
         for reason in DROP_REASONS:
             self.frames_dropped_total.labels(reason)

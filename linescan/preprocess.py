@@ -79,10 +79,10 @@ class InputSpec:
         mh, mw = self.model_shape(height, width)
         sy, sx = height / mh, width / mw
         return (
-            int(math.floor(y0 * sy)),
-            min(int(math.ceil(y1 * sy)), height),
-            int(math.floor(x0 * sx)),
-            min(int(math.ceil(x1 * sx)), width),
+            math.floor(y0 * sy),
+            min(math.ceil(y1 * sy), height),
+            math.floor(x0 * sx),
+            min(math.ceil(x1 * sx), width),
         )
 
     def area_to_original(self, area: int, height: int, width: int) -> int:
@@ -90,7 +90,7 @@ class InputSpec:
         if self.resize is None:
             return area * self.downscale * self.downscale
         mh, mw = self.model_shape(height, width)
-        return int(round(area * (height / mh) * (width / mw)))
+        return round(area * (height / mh) * (width / mw))
 
     def to_dict(self) -> dict[str, object]:
         return {

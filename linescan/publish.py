@@ -64,7 +64,9 @@ def _json_default(value: object) -> object:
 def encode_event(topic: str, body: Mapping[str, Any]) -> list[bytes]:
     """The ``[topic, JSON]`` frames for a complete body. Raises ValueError for NaN/inf."""
     # allow_nan=False: NaN is not JSON, and a NaN score must fail loudly, not parse as garbage.
-    data = json.dumps(body, separators=(",", ":"), allow_nan=False, default=_json_default)
+    data = json.dumps(
+        body, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default
+    )
     return [topic.encode("ascii"), data.encode("utf-8")]
 
 

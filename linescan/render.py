@@ -14,7 +14,7 @@ U8 = npt.NDArray[np.uint8]
 
 def to_display(pixels: npt.NDArray[np.generic], bit_depth: int) -> U8:
     if pixels.dtype == np.uint8:
-        return np.ascontiguousarray(pixels)  # type: ignore[return-value]
+        return np.ascontiguousarray(pixels)
     scaled = pixels.astype(np.float32) * (255.0 / (2**bit_depth - 1))
     out: U8 = np.clip(scaled, 0, 255).astype(np.uint8)
     return out

@@ -5,7 +5,8 @@ SSIM(p, q) = l * c * s (Wang et al. 2004, with alpha = beta = gamma = 1), from w
     l = (2 mu_p mu_q + C1) / (mu_p^2 + mu_q^2 + C1)
     c = (2 sigma_p sigma_q + C2) / (sigma_p^2 + sigma_q^2 + C2)
     s = (sigma_pq + C2/2) / (sigma_p sigma_q + C2/2)
-    l * c * s = (2 mu_p mu_q + C1)(2 sigma_pq + C2) / ((mu_p^2 + mu_q^2 + C1)(sigma_p^2 + sigma_q^2 + C2))
+    l * c * s = (2 mu_p mu_q + C1)(2 sigma_pq + C2)
+                / ((mu_p^2 + mu_q^2 + C1)(sigma_p^2 + sigma_q^2 + C2))
 
 Constants: the paper writes "c1 = 0.01, c2 = 0.03". Those are Wang et al.'s K1 and K2, not the
 stabilisers themselves: C1 = (K1 L)^2 and C2 = (K2 L)^2 for the data range L. We use that reading
@@ -72,7 +73,8 @@ class SSIMParams:
             return np.full(self.window, 1.0 / self.window)
         x = np.arange(-r, r + 1, dtype=np.float64)
         k = np.exp(-0.5 * (x / self.sigma) ** 2)
-        return k / k.sum()
+        out: npt.NDArray[np.float64] = k / k.sum()
+        return out
 
     def to_dict(self) -> dict[str, float | int | bool]:
         return {
@@ -149,7 +151,7 @@ def ssim_map(x: npt.ArrayLike, y: npt.ArrayLike, params: SSIMParams = SSIMParams
     c2 = np.float32(params.c2)
     num = (2 * mx * my + c1) * (2 * cxy + c2)
     den = (mx * mx + my * my + c1) * (vx + vy + c2)
-    out: F32 = num / den
+    out: F32 = (num / den).astype(np.float32, copy=False)
     return out
 
 

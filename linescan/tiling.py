@@ -85,7 +85,7 @@ def accumulate(
 
 
 def stitch(recon: F32, ys: list[int], xs: list[int], height: int, width: int) -> F32:
-    """Average overlapping tiles (row-major over ``ys`` x ``xs``) into one (C, height, width) image."""
+    """Average overlapping tiles (row-major over ``ys`` x ``xs``) into a (C, H, W) image."""
     acc = np.zeros((recon.shape[1], height, width), dtype=np.float32)
     count = np.zeros((height, width), dtype=np.float32)
     accumulate(acc, count, recon, ys, xs)

@@ -47,14 +47,14 @@ class Rows:
     def __init__(self, width: int, channels: int | None = None, fill: float = 0.0) -> None:
         self.channels = channels
         shape = (0, width) if channels is None else (channels, 0, width)
-        self.data: npt.NDArray[np.generic] = np.zeros(shape, dtype=np.float32)
+        self.data: F32 = np.zeros(shape, dtype=np.float32)
         self.origin = 0
         self.fill = fill
 
     @property
     def end(self) -> int:
         axis = 0 if self.channels is None else 1
-        return self.origin + self.data.shape[axis]
+        return self.origin + int(self.data.shape[axis])
 
     def extend_to(self, end: int) -> None:
         """Grow (filled with ``fill``) so that absolute rows up to ``end`` exist."""
@@ -71,7 +71,7 @@ class Rows:
     def append(self, rows: npt.NDArray[np.generic]) -> None:
         self.data = np.concatenate([self.data, rows.astype(self.data.dtype, copy=False)])
 
-    def view(self, start: int, end: int) -> npt.NDArray[np.generic]:
+    def view(self, start: int, end: int) -> F32:
         a, b = start - self.origin, end - self.origin
         return self.data[a:b] if self.channels is None else self.data[:, a:b]
 
@@ -144,7 +144,7 @@ class Tracker:
             cnt = self.cnt.data
             if not isinstance(acc, np.ndarray) or not isinstance(cnt, np.ndarray):
                 raise TypeError("internal: row buffers must be arrays")
-            accumulate(acc, cnt, recon, [job.y], self.xs, y_origin=self.acc.origin)  # type: ignore[arg-type]
+            accumulate(acc, cnt, recon, [job.y], self.xs, y_origin=self.acc.origin)
             self.tiles_stitched += len(recon)
             if not job.end:
                 self.recon_final = max(self.recon_final, min(job.y + s, job.m_rows - p))
@@ -168,7 +168,7 @@ class Tracker:
             b = self.recon_final
             x = self.x.view(a, b)
             rec = self.acc.view(a, b) / self.cnt.view(a, b)[None]
-            r = compute_residual(self.kind, x, rec.astype(np.float32), self.ssim, self.vae_sigma)  # type: ignore[arg-type]
+            r = compute_residual(self.kind, x, rec.astype(np.float32), self.ssim, self.vae_sigma)
             self.res.append(r[self.res_final - a : new_res - a])
             self.res_final = new_res
         # mask rows from residual rows with the opening's halo
@@ -176,7 +176,7 @@ class Tracker:
         if new_mask > self.mask_final:
             a = max(0, self.mask_final - OPEN_HALO)
             chunk = self.res.view(a, self.res_final)
-            opened = open_mask(threshold_mask(chunk, self.threshold))  # type: ignore[arg-type]
+            opened = open_mask(threshold_mask(chunk, self.threshold))
             self.mask.append(opened[self.mask_final - a : new_mask - a])
             self.mask_final = new_mask
         regions = self._regions(end)

@@ -373,7 +373,7 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> TrainResult:
         "host": platform.node(),
     }
     meta = replace(meta, vae_sigma=vae_sigma, training=training)
-    model = model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    model = model.to(memory_format=torch.contiguous_format)
     meta = save_bundle(cfg.out, model.cpu(), meta)
     return TrainResult(cfg.out, meta, epoch_loss, seconds, hold)
 

@@ -65,13 +65,16 @@ def create_backend(
     if name == "onnxruntime":
         from linescan.backends.onnx_cpu import OnnxBackend
 
-        return OnnxBackend(bundle, threads=threads)
+        backend: Backend = OnnxBackend(bundle, threads=threads)
+        return backend
     if name == "tensorrt":
         from linescan.backends.tensorrt import TensorRTBackend
 
-        return TensorRTBackend(bundle, precision=precision)
+        trt: Backend = TensorRTBackend(bundle, precision=precision)
+        return trt
     if name == "torch-cuda":
         from linescan.backends.torch_cuda import TorchCudaBackend
 
-        return TorchCudaBackend(bundle, precision=precision)
+        cuda: Backend = TorchCudaBackend(bundle, precision=precision)
+        return cuda
     raise EngineError(f"unknown backend {name!r}; expected one of {BACKENDS}")

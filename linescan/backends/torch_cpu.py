@@ -54,7 +54,7 @@ class TorchBackend:
         if threads is not None:
             torch.set_num_threads(threads)
         self._module = bundle.module.eval()
-        self._module = self._module.to(memory_format=torch.channels_last)
+        self._module = self._module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self._meta = bundle.meta
         self._noise = (
             vae_noise(bundle.meta.latent, bundle.meta.vae_samples)

@@ -73,8 +73,10 @@ def he_init(module: nn.Module) -> None:
         if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
             # torch computes fan_in from weight dim 1 (times the kernel); for a transposed
             # convolution that is the number of outputs per input, close enough for stride 2.
-            gain_for = "leaky_relu" if _followed_by_activation(module, m) else "linear"
-            nn.init.kaiming_normal_(m.weight, a=SLOPE, mode="fan_in", nonlinearity=gain_for)
+            if _followed_by_activation(module, m):
+                nn.init.kaiming_normal_(m.weight, a=SLOPE, nonlinearity="leaky_relu")
+            else:
+                nn.init.kaiming_normal_(m.weight, nonlinearity="linear")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 

@@ -1,0 +1,184 @@
+"""``linescan demo``: the daemon on its built-in defaults, fed by the built-in simulator.
+
+It starts the real daemon (ZeroMQ sockets on loopback, metrics endpoint, the bundled default
+model from ``engines/default``), subscribes to its events like any client would, sends a
+synthetic woven web with defects planted at known positions, prints the events as they come,
+and ends with a summary: planted vs found, lines/s, latency p50/p99.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from linescan.backends import create_backend
+from linescan.config import Config
+from linescan.data.synthetic import Defect
+from linescan.errors import ModelError
+from linescan.listen import LossTracker, listen
+from linescan.metrics import MetricsServer
+from linescan.model.bundle import load_bundle
+from linescan.service import Daemon
+from linescan.simulate import send_web, synthetic_source
+
+DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "engines" / "default"
+
+
+def default_bundle_path() -> Path:
+    if not (DEFAULT_BUNDLE / "bundle.json").is_file():
+        raise ModelError(
+            f"the bundled default model is missing ({DEFAULT_BUNDLE}); run linescan from a "
+            "clone of the repository or pass --model BUNDLE"
+        )
+    return DEFAULT_BUNDLE
+
+
+@dataclass
+class DemoResult:
+    planted: list[Defect]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    final_status: dict[str, Any] | None = None
+    lines: int = 0
+    seconds: float = 0.0
+    loss: LossTracker | None = None
+
+    def found(self) -> list[Defect]:
+        return [d for d in self.planted if any(_overlaps(d, e) for e in self.events)]
+
+    def false_alarms(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if not any(_overlaps(d, e) for d in self.planted)]
+
+    def latency_ms(self, q: float) -> float | None:
+        lat = [e["latency_ms"] for e in self.events if e.get("latency_ms") is not None]
+        return float(np.quantile(lat, q)) if lat else None
+
+
+def _overlaps(d: Defect, e: dict[str, Any]) -> bool:
+    return bool(
+        e["line_start"] < d.line_end
+        and d.line < e["line_end"]
+        and e["x_start"] < d.x_end
+        and d.x < e["x_end"]
+    )
+
+
+def run_demo(
+    config: Config,
+    bundle: Path | None = None,
+    lines: int = 24_000,
+    width: int = 2048,
+    frame_height: int = 256,
+    defects: int = 8,
+    line_rate_hz: float = 3000.0,
+    seed: int = 7,
+    out: TextIO = sys.stdout,
+) -> DemoResult:
+    b = load_bundle(bundle or config.model.bundle or default_bundle_path())
+    backend = create_backend(
+        b, config.engine.backend, config.engine.precision, config.engine.threads
+    )
+    events: list[dict[str, Any]] = []
+    done = threading.Event()
+    daemon = Daemon(config, b.meta, backend)
+    server = None
+    if config.metrics.enabled:
+        server = MetricsServer(
+            daemon.registry, config.metrics.host, config.metrics.port, lambda: daemon.ready
+        )
+        server.start()
+    out.write(
+        f"linescan demo: model {b.meta.model_id} ({backend.name}, {backend.precision}); "
+        "warming up...\n"
+    )
+    daemon.start()
+    source = synthetic_source(width, lines, defects, seed=seed)
+    res = DemoResult(list(source.defects))
+    final: dict[str, Any] = {}
+
+    def on_event(topic: str, body: dict[str, Any]) -> bool:
+        if topic == "defect":
+            events.append(body)
+            lat = body.get("latency_ms")
+            out.write(
+                f"  defect #{body['seq']}: lines {body['line_start']}-{body['line_end']} "
+                f"x {body['x_start']}-{body['x_end']} area {body['area_px']} px "
+                f"score {body['score_max']:.3f} ({body['position_m']:.2f} m"
+                + (f", {lat:.0f} ms after capture)\n" if lat is not None else ")\n")
+            )
+            out.flush()
+        elif (
+            topic == "status"
+            and body.get("lines_received", 0) >= lines
+            and (
+                body["frames_inspected"] + body["frames_dropped"] >= body["frames_received"]
+                and body["queues"]["ingest"] == 0
+            )
+        ):
+            final.update(body)
+            return True
+        return False
+
+    subscribed = threading.Event()
+    tracker_box: list[LossTracker] = []
+
+    def subscriber() -> None:
+        tracker_box.append(
+            listen(daemon.events_endpoint, on_event, timeout_s=60.0, ready=subscribed.set)
+        )
+        done.set()
+
+    sub = threading.Thread(target=subscriber, name="demo-subscriber", daemon=True)
+    sub.start()
+    subscribed.wait(5)
+    time.sleep(0.3)  # PUB/SUB: let the subscription reach the daemon before the first event
+    out.write(
+        f"sending {lines} lines of {width} px woven web at {line_rate_hz:.0f} lines/s "
+        f"in frames of {frame_height} lines, {len(source.defects)} defects planted\n"
+    )
+    t0 = time.monotonic()
+    send_web(daemon.frames_endpoint, source, frame_height, line_rate_hz)
+    done.wait(120)
+    res.seconds = time.monotonic() - t0
+    daemon.stop()
+    daemon.join(30)
+    if server is not None:
+        server.stop()
+    res.events = events
+    res.final_status = final or None
+    res.lines = int(final.get("lines_inspected", 0)) if final else 0
+    res.loss = tracker_box[0] if tracker_box else None
+    _summary(res, out)
+    return res
+
+
+def _summary(res: DemoResult, out: TextIO) -> None:
+    found = res.found()
+    p50, p99 = res.latency_ms(0.5), res.latency_ms(0.99)
+    st = res.final_status or {}
+    out.write("\nsummary\n")
+    out.write(f"  planted defects     {len(res.planted)}\n")
+    out.write(f"  found               {len(found)} of {len(res.planted)}\n")
+    out.write(f"  false alarms        {len(res.false_alarms())}\n")
+    for d in res.planted:
+        mark = "found " if d in found else "MISSED"
+        out.write(f"    {mark} {d.kind:<14} lines {d.line}-{d.line_end} x {d.x}-{d.x_end}\n")
+    out.write(
+        f"  lines inspected     {res.lines} in {res.seconds:.1f} s "
+        f"({res.lines / max(res.seconds, 1e-9):.0f} lines/s)\n"
+    )
+    out.write(
+        f"  frames              received {st.get('frames_received')}, inspected "
+        f"{st.get('frames_inspected')}, dropped {st.get('frames_dropped')}, rejected "
+        f"{st.get('frames_rejected')}\n"
+    )
+    if p50 is not None and p99 is not None:
+        out.write(f"  latency (capture to event)  p50 {p50:.0f} ms  p99 {p99:.0f} ms\n")
+    if res.loss is not None:
+        out.write(f"  events lost         {res.loss.lost_defects}\n")
+    out.flush()

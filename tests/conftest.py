@@ -1,0 +1,110 @@
+"""Shared fixtures: a small synthetic woven dataset and tiny trained model bundles.
+
+Everything is made under pytest's temporary directories: the suite never reads shared data.
+Trained bundles are session-scoped (a few seconds each, trained once per run) and must be
+treated as read-only; a test that changes a bundle copies it first (``bundle_copy``).
+Training runs in fp32 so that the models are the same on every CPU (bf16 autocast is only
+chosen where the CPU has native bf16).
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from linescan.backends.torch_cpu import TorchBackend
+from linescan.calibrate import calibrate
+from linescan.data.images import test_samples, training_images
+from linescan.data.synthetic import write_synthetic_dataset
+from linescan.model.bundle import Bundle, load_bundle, update_meta
+from linescan.preprocess import InputSpec
+from linescan.train import TrainConfig, TrainResult, train
+
+ConfigFactory = Callable[..., TrainConfig]
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A tiny trained bundle (read-only), its dataset and the training result."""
+
+    path: Path
+    data: Path
+    result: TrainResult
+
+    def load(self) -> Bundle:
+        return load_bundle(self.path)
+
+    def backend(self) -> TorchBackend:
+        return TorchBackend(self.load(), precision="fp32")
+
+
+def tiny_config(data: Path, out: Path, **changes: Any) -> TrainConfig:
+    """A training configuration small enough for a test: seconds, not minutes."""
+    base: dict[str, Any] = {
+        "data": data,
+        "out": out,
+        "loss": "ssim",
+        "latent": 16,
+        "patch": 32,
+        "patches": 1024,
+        "epochs": 3,
+        "batch": 32,
+        "lr": 1e-3,
+        "input": InputSpec(downscale=2),
+        "precision": "fp32",
+        "holdout": 0.0,
+        "checkpoint_every": 0,
+        "seed": 0,
+    }
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+@pytest.fixture
+def train_config() -> ConfigFactory:
+    """``train_config(data, out, **changes)``: the tiny training configuration."""
+    return tiny_config
+
+
+@pytest.fixture(scope="session")
+def woven_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MVTec-layout woven dataset: 6 train, 2 good test and 4 defective 256x256 images."""
+    root = tmp_path_factory.mktemp("woven") / "woven"
+    return write_synthetic_dataset(root, "woven", 6, 2, 4, (256, 256), seed=0)
+
+
+def _train_calibrated(data: Path, out: Path, **changes: Any) -> Trained:
+    result = train(tiny_config(data, out, **changes), log=io.StringIO())
+    bundle = load_bundle(out)
+    good = training_images(data) + [s.image for s in test_samples(data) if s.mask is None]
+    cal = calibrate(good, bundle.meta, TorchBackend(bundle, precision="fp32"))
+    update_meta(out, threshold=cal.threshold, calibration=cal.record)
+    return Trained(out, data, result)
+
+
+@pytest.fixture(scope="session")
+def ssim_model(tmp_path_factory: pytest.TempPathFactory, woven_data: Path) -> Trained:
+    """SSIM autoencoder, patch 32, d = 16, 1/2 down-scaling, calibrated (max-opened rule)."""
+    out = tmp_path_factory.mktemp("models") / "ssim_half"
+    return _train_calibrated(woven_data, out)
+
+
+@pytest.fixture(scope="session")
+def ssim_model_full(tmp_path_factory: pytest.TempPathFactory, woven_data: Path) -> Trained:
+    """The same at full resolution (no down-scaling), fewer crops: for the streaming tests."""
+    out = tmp_path_factory.mktemp("models") / "ssim_full"
+    return _train_calibrated(woven_data, out, input=InputSpec(downscale=1), patches=512)
+
+
+@pytest.fixture
+def bundle_copy(tmp_path: Path, ssim_model: Trained) -> Path:
+    """A private, writable copy of the session's SSIM bundle."""
+    dst = tmp_path / "bundle"
+    shutil.copytree(ssim_model.path, dst)
+    return dst
