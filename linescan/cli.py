@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from linescan import __version__
 from linescan.errors import LinescanError
@@ -59,7 +59,7 @@ def _scale_arg(text: str) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from linescan.backends.torch_cpu import TorchBackend
+    from linescan.backends import create_backend
     from linescan.calibrate import calibrate
     from linescan.model.bundle import load_bundle, update_meta
     from linescan.preprocess import InputSpec
@@ -105,7 +105,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     )
     if res.holdout_images:
         bundle = load_bundle(res.bundle)
-        cal = calibrate(res.holdout_images, bundle.meta, TorchBackend(bundle))
+        cal = calibrate(res.holdout_images, bundle.meta, create_backend(bundle))
         update_meta(res.bundle, threshold=cal.threshold, calibration=cal.record)
         print(
             f"threshold {cal.threshold:.4f} ({cal.record['rule']}, "
@@ -152,7 +152,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
     bundle = load_bundle(a.model)
     meta = bundle.meta
-    backend = create_backend(bundle, a.backend, a.precision)
+    backend = create_backend(bundle, a.backend, a.precision, batch=a.batch)
     a.out.mkdir(parents=True, exist_ok=True)
     settings = Settings(
         threshold=a.threshold, stride=a.stride, max_batch=a.batch, min_area_px=a.min_area
@@ -245,11 +245,16 @@ def cmd_serve(a: argparse.Namespace) -> int:
     config = _serve_config(a)
     configure_logging(config.log.format, config.log.level)
     log = get_logger("linescan.serve")
+    config = _journal_default(config, log)
     plan = _configure_threads(config.engine.threads)
     log.info("threads", **plan)
     bundle = load_bundle(config.model.bundle or default_bundle_path())
     backend = create_backend(
-        bundle, config.engine.backend, config.engine.precision, config.engine.threads
+        bundle,
+        config.engine.backend,
+        config.engine.precision,
+        config.engine.threads,
+        batch=config.inspection.max_batch,
     )
     daemon = Daemon(config, bundle.meta, backend)
     stop = threading.Event()
@@ -285,6 +290,25 @@ def cmd_serve(a: argparse.Namespace) -> int:
         return 1
     log.info("stopped", **{k: v for k, v in vars(daemon.totals).items() if isinstance(v, int)})
     return 0
+
+
+def _journal_default(config: Config, log: Any) -> Config:
+    """``serve`` journals to $STATE_DIRECTORY/journal.sqlite unless the config says otherwise."""
+    from linescan.journal import default_journal_path
+
+    jc = config.journal
+    if not jc.enabled or jc.path is not None:
+        if not jc.enabled:
+            log.warning("event journal disabled: events cannot be replayed, seq restarts at 0")
+        return config
+    path = default_journal_path()
+    if path is None:
+        log.warning(
+            "no event journal: set journal.path (systemd's StateDirectory= sets a default); "
+            "events cannot be replayed and seq restarts at 0"
+        )
+        return config
+    return config.with_overrides({"journal": {"path": path}})
 
 
 def _configure_threads(threads: int | None) -> dict[str, object]:
@@ -349,6 +373,8 @@ def cmd_synth(a: argparse.Namespace) -> int:
 def cmd_events(a: argparse.Namespace) -> int:
     from linescan.listen import listen
 
+    if a.since is not None or a.journal is not None or a.server_key is not None:
+        return _events_replay(a)
     record = a.record.open("a", encoding="utf-8") if a.record else None
     topics = tuple(a.topic) if a.topic else ("defect", "status")
 
@@ -368,6 +394,72 @@ def cmd_events(a: argparse.Namespace) -> int:
             record.close()
     print(f"lost defect events: {tracker.lost_defects} {tracker.gaps}", file=sys.stderr)
     return 1 if tracker.lost_defects else 0
+
+
+def _events_replay(a: argparse.Namespace) -> int:
+    """``events --since N`` / ``--journal FILE``: journaled events first, then live, no gaps."""
+    from linescan.journal import read_journal
+    from linescan.replay import fetch_all, follow
+    from linescan.security import client_setup, load_public_key
+
+    record = a.record.open("a", encoding="utf-8") if a.record else None
+    topics = tuple(a.topic) if a.topic else ("defect", "status")
+    configure = None
+    if a.server_key is not None:
+        configure = client_setup(load_public_key(a.server_key, "--server-key"))
+
+    def on_event(topic: str, body: dict[str, object]) -> bool:
+        line = json.dumps({"topic": topic, **body}, separators=(",", ":"))
+        if not a.quiet:
+            print(line, flush=True)
+        if record is not None:
+            record.write(line + "\n")
+            record.flush()
+        return False
+
+    try:
+        since = a.since if a.since is not None else 0
+        if a.journal is not None or a.replay_only:
+            events = (
+                read_journal(a.journal, since)
+                if a.journal is not None
+                else fetch_all(a.replay, since, configure=configure)
+            )
+            for body in events:
+                on_event("defect", body)
+            print(f"replayed {len(events)} defect event(s) from seq {since}", file=sys.stderr)
+            return 0
+        stats = follow(
+            a.endpoint,
+            a.replay,
+            on_event,
+            a.since,
+            topics=topics,
+            timeout_s=a.timeout,
+            configure=configure,
+        )
+    finally:
+        if record is not None:
+            record.close()
+    print(
+        f"defect events: {stats.replayed} replayed, {stats.live} live; "
+        f"lost (not in the journal either): {stats.lost_events} {stats.lost}",
+        file=sys.stderr,
+    )
+    return 1 if stats.lost_events else 0
+
+
+def cmd_keygen(a: argparse.Namespace) -> int:
+    from linescan.security import create_keys
+
+    for name in a.names:
+        public, secret = create_keys(a.dir, name)
+        print(f"{name}: public key {public} (share it), secret key {secret} (keep it, mode 600)")
+    print(
+        "daemon: frames.curve_server_secret_key_file / events.curve_server_secret_key_file = "
+        "a server's .key_secret; copy each camera's .key into frames.curve_authorized_keys_dir"
+    )
+    return 0
 
 
 def _size_arg(text: str) -> tuple[int, int]:
@@ -535,7 +627,38 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--record", type=Path, default=None, help="append events as JSON lines")
     ev.add_argument("--timeout", type=float, default=None, help="stop after S idle seconds")
     ev.add_argument("--quiet", action="store_true")
+    ev.add_argument(
+        "--since",
+        type=int,
+        default=None,
+        metavar="SEQ",
+        help="first replay defect events from SEQ on out of the daemon's journal, then follow "
+        "live events, filling any gap from the journal",
+    )
+    ev.add_argument("--replay", default="tcp://127.0.0.1:5557", help="the daemon's replay endpoint")
+    ev.add_argument(
+        "--journal",
+        type=Path,
+        default=None,
+        help="read this journal file directly instead (prints events from --since, exits)",
+    )
+    ev.add_argument("--replay-only", action="store_true", help="exit after the replay")
+    ev.add_argument(
+        "--server-key",
+        type=Path,
+        default=None,
+        help="CurveZMQ public key file of the daemon's event socket",
+    )
     ev.set_defaults(func=cmd_events)
+
+    kg = sub.add_parser("keygen", help="write CurveZMQ key pairs (NAME.key, NAME.key_secret)")
+    kg.add_argument("dir", type=Path, help="directory to write the keys in")
+    kg.add_argument("names", nargs="*", default=["server"], help="key pair names (server)")
+    kg.set_defaults(func=cmd_keygen)
+
+    from linescan.cli_gpu import add_parsers as add_gpu_parsers
+
+    add_gpu_parsers(sub)
     return ap
 
 

@@ -81,10 +81,15 @@ def run_demo(
 ) -> DemoResult:
     b = load_bundle(bundle or config.model.bundle or default_bundle_path())
     backend = create_backend(
-        b, config.engine.backend, config.engine.precision, config.engine.threads
+        b,
+        config.engine.backend,
+        config.engine.precision,
+        config.engine.threads,
+        batch=config.inspection.max_batch,
     )
     events: list[dict[str, Any]] = []
-    done = threading.Event()
+    done = threading.Event()  # the subscriber has stopped
+    sent = threading.Event()  # every frame sent was inspected or dropped
     daemon = Daemon(config, b.meta, backend)
     server = None
     if config.metrics.enabled:
@@ -112,6 +117,10 @@ def run_demo(
                 + (f", {lat:.0f} ms after capture)\n" if lat is not None else ")\n")
             )
             out.flush()
+        elif topic == "status" and body.get("final"):
+            # The daemon's last word: every event it will publish came before it.
+            final.update(body)
+            return True
         elif (
             topic == "status"
             and body.get("lines_received", 0) >= lines
@@ -120,8 +129,10 @@ def run_demo(
                 and body["queues"]["ingest"] == 0
             )
         ):
-            final.update(body)
-            return True
+            # Every frame reached the tracker, but the events of the segment's last tile rows
+            # may still be on their way (a frame counts as inspected with its first tile row):
+            # stop the daemon and keep listening until its final status.
+            sent.set()
         return False
 
     subscribed = threading.Event()
@@ -137,20 +148,25 @@ def run_demo(
     sub.start()
     subscribed.wait(5)
     time.sleep(0.3)  # PUB/SUB: let the subscription reach the daemon before the first event
+    rate = f"{line_rate_hz:.0f} lines/s" if line_rate_hz > 0 else "full speed"
     out.write(
-        f"sending {lines} lines of {width} px woven web at {line_rate_hz:.0f} lines/s "
+        f"sending {lines} lines of {width} px woven web at {rate} "
         f"in frames of {frame_height} lines, {len(source.defects)} defects planted\n"
     )
     t0 = time.monotonic()
     send_web(daemon.frames_endpoint, source, frame_height, line_rate_hz)
-    done.wait(120)
+    deadline = time.monotonic() + 120
+    while not sent.wait(0.1) and not done.is_set() and time.monotonic() < deadline:
+        pass  # until every frame is accounted for, or the subscriber gave up
+    complete = sent.is_set()
     res.seconds = time.monotonic() - t0
     daemon.stop()
+    done.wait(30)  # the final status, published once everything held is published
     daemon.join(30)
     if server is not None:
         server.stop()
     res.events = events
-    res.final_status = final or None
+    res.final_status = (final or None) if complete else None
     res.lines = int(final.get("lines_inspected", 0)) if final else 0
     res.loss = tracker_box[0] if tracker_box else None
     _summary(res, out)

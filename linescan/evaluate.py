@@ -23,7 +23,7 @@ Region overlap (Bergmann et al. 2018, Figure 7)
     A ground-truth *region* is an 8-connected component of one image's mask. Its overlap at
     threshold ``t`` is the fraction of its pixels that are flagged, optionally after the
     paper's post-processing: a morphological opening of the binary segmentation with a disk of
-    diameter 4 (``cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (4, 4))``).
+    diameter 4 (``segment.DISK``, the same disk as inspection).
 PRO curve (Bergmann et al., MVTec AD, CVPR 2019 and IJCV 2021)
     PRO(t) = mean over all ground-truth regions of the test set of their overlap at ``t``
     (without opening), plotted against the pixel FPR(t) over the good pixels. The PRO-AUC is
@@ -52,13 +52,13 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from linescan.segment import DISK
+
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 
 #: The paper's post-processing: an opening with a circular structuring element of diameter 4.
-OPENING_KERNEL: npt.NDArray[np.uint8] = np.asarray(
-    cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (4, 4)), dtype=np.uint8
-)
+OPENING_KERNEL: npt.NDArray[np.uint8] = DISK  # the inspection's opening, defined once
 
 #: The most points ``Evaluation.to_metrics_json`` writes for the ROC curve.
 MAX_ROC_POINTS = 512

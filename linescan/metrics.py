@@ -38,6 +38,7 @@ from linescan.log import get_logger
 DAEMON_REJECT_REASONS = ("sequence", "camera")
 
 __all__ = [
+    "AUTH_FAILURE_REASONS",
     "DROP_REASONS",
     "EVENT_TOPICS",
     "QUEUES",
@@ -50,6 +51,9 @@ STAGES: Final = ("ingest", "band", "infer", "stitch", "residual", "segment", "pu
 QUEUES: Final = ("ingest", "inference", "publish")
 EVENT_TOPICS: Final = ("defect", "status")
 DROP_REASONS: Final = ("overload", "shutdown", "engine")
+# Why a CurveZMQ handshake was refused (security.py): key not authorised, wrong protocol or
+# server key, anything else.
+AUTH_FAILURE_REASONS: Final = ("key", "protocol", "other")
 
 # Tiles per batch: powers of two up to well past the default max_batch of 64.
 _BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -155,6 +159,34 @@ class Metrics:
         self.engine_errors_total = Counter(
             "linescan_engine_errors_total", "Inference backend failures.", registry=registry
         )
+        self.auth_failures_total = Counter(
+            "linescan_auth_failures_total",
+            "Connections refused by CurveZMQ (unauthorised key, plain TCP, wrong server key), "
+            "by socket and reason.",
+            ["socket", "reason"],
+            registry=registry,
+        )
+        self.events_journaled_total = Counter(
+            "linescan_events_journaled_total",
+            "Defect events written to the durable event journal.",
+            registry=registry,
+        )
+        self.journal_errors_total = Counter(
+            "linescan_journal_errors_total",
+            "Defect events that could not be journaled (still published).",
+            registry=registry,
+        )
+        self.replay_requests_total = Counter(
+            "linescan_replay_requests_total",
+            "Requests to the event replay endpoint, by result.",
+            ["result"],
+            registry=registry,
+        )
+        self.events_replayed_total = Counter(
+            "linescan_events_replayed_total",
+            "Journaled events sent by the replay endpoint.",
+            registry=registry,
+        )
 
         for reason in (*REJECT_REASONS, *DAEMON_REJECT_REASONS):
             self.frames_rejected_total.labels(reason)
@@ -166,6 +198,10 @@ class Metrics:
             self.queue_depth.labels(queue)
         for topic in EVENT_TOPICS:
             self.events_published_total.labels(topic)
+        for reason in AUTH_FAILURE_REASONS:
+            self.auth_failures_total.labels("frames", reason)
+        for result in ("ok", "error"):
+            self.replay_requests_total.labels(result)
         if process:
             ProcessCollector(registry=registry)
 

@@ -14,8 +14,8 @@ Each message is two ZeroMQ frames, ``[topic, body]``: ``topic`` is the ASCII ``d
     t_publish_ns  wall-clock time of sending, ns since the Unix epoch
 
 ``defect`` messages add ``seq``: one counter for defect events, +1 per event, never reset
-while the daemon runs (and, once persisted, across restarts). A subscriber that sees ``seq``
-jump from 41 to 44 lost events 42 and 43.
+while the daemon runs (and, with the event journal, across restarts). A subscriber that sees
+``seq`` jump from 41 to 44 lost events 42 and 43, and can replay them (``replay.py``).
 
 ``status`` messages add ``status_seq`` (their own counter, +1 per status message) and
 ``last_seq``: the ``seq`` of the most recent defect event published (null before the first).
@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
@@ -75,6 +75,9 @@ class EventPublisher:
 
     ``next_seq`` is the ``seq`` the first defect event gets (a restart that persisted its
     counter passes it back in). ``linger_ms`` bounds how long :meth:`close` waits to flush.
+    ``journal(seq, topic, t_publish_ns, body_json)`` is called for each defect event after it
+    is numbered and encoded and before it is sent (the durable journal's hook). ``configure``
+    sets socket options (CurveZMQ) before the bind.
     """
 
     def __init__(
@@ -86,6 +89,8 @@ class EventPublisher:
         next_seq: int = 0,
         linger_ms: int = 1000,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        journal: Callable[[int, str, int, str], None] | None = None,
+        configure: Callable[[zmq.Socket[bytes]], None] | None = None,
     ) -> None:
         if next_seq < 0:
             raise ValueError("next_seq must be >= 0")
@@ -94,11 +99,14 @@ class EventPublisher:
         self._next_seq = next_seq
         self._next_status_seq = 0
         self._linger_ms = linger_ms
+        self._journal = journal
         ctx = context if context is not None else zmq.Context.instance()
         self._socket: zmq.Socket[bytes] | None = ctx.socket(zmq.PUB)
         try:
             self._socket.setsockopt(zmq.SNDHWM, sndhwm)
             self._socket.setsockopt(zmq.LINGER, linger_ms)
+            if configure is not None:
+                configure(self._socket)  # e.g. CurveZMQ server keys (security.py)
             self._socket.bind(endpoint)
             last = self._socket.getsockopt(zmq.LAST_ENDPOINT)
         except zmq.ZMQError:
@@ -138,6 +146,10 @@ class EventPublisher:
             body.update(payload)
             body["t_publish_ns"] = time.time_ns()
             parts = encode_event(topic, body)
+            if topic == "defect" and self._journal is not None:
+                # Durable before it is sent: a crash between the two leaves a replayable event
+                # whose seq is never reused (journal.py).
+                self._journal(number, topic, body["t_publish_ns"], parts[1].decode("utf-8"))
             # Counters move only once the body encodes: a failed event must not leave a gap
             # that subscribers would read as a lost message.
             self._socket.send_multipart(parts)

@@ -18,7 +18,10 @@ import numpy.typing as npt
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
 
-DISK = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (4, 4))
+
+# The disk of diameter 4, written out: OpenCV's MORPH_ELLIPSE of size 4x4 is lopsided (its top
+# row has one pixel, its bottom row two), which would make "opening" depend on orientation.
+DISK: U8 = np.array([[0, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 0]], dtype=np.uint8)
 _ANCHOR = (2, 2)
 _DISK_REFLECTED = np.ascontiguousarray(DISK[::-1, ::-1])
 _ANCHOR_REFLECTED = (DISK.shape[1] - 1 - _ANCHOR[0], DISK.shape[0] - 1 - _ANCHOR[1])

@@ -40,11 +40,14 @@ from linescan.backends import Backend
 from linescan.config import Config
 from linescan.errors import EngineError, FrameError
 from linescan.ingest import Frame, FrameLimits, parse_frame
+from linescan.journal import EventJournal
 from linescan.lines import Band, FrameInfo, TileJob
 from linescan.log import RateLimitedLogger, get_logger
 from linescan.metrics import Metrics
 from linescan.model.bundle import BundleMeta
 from linescan.publish import EventPublisher
+from linescan.replay import ReplayServer
+from linescan.security import AuthMonitor, CurveSetup, curve_from_config
 from linescan.segment import Region
 from linescan.tiling import TileGrid
 from linescan.tracker import Tracker
@@ -159,6 +162,13 @@ class Daemon:
         self.frames_endpoint = config.frames.endpoint
         self.events_endpoint = config.events.endpoint
         self._frames_sock: zmq.Socket[bytes] | None = None
+        # Durable event journal and its replay endpoint (journal.py, replay.py); CurveZMQ
+        # (security.py). Opened in start(), closed in join().
+        self.journal: EventJournal | None = None
+        self.replay: ReplayServer | None = None
+        self.replay_endpoint: str | None = None
+        self._curve = CurveSetup()
+        self._auth_monitor: AuthMonitor | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -168,11 +178,34 @@ class Daemon:
 
     def start(self) -> None:
         """Bind sockets, warm the engine up, start the threads; returns when ready."""
-        self.publisher = EventPublisher(
-            self.config.events.endpoint, self.config.events.sndhwm, self.metrics, context=self.ctx
-        )
-        self.events_endpoint = self.publisher.endpoint
-        self._frames_sock = self._open_frames_socket()
+        try:
+            self._open_journal_and_security()
+            self.publisher = EventPublisher(
+                self.config.events.endpoint,
+                self.config.events.sndhwm,
+                self.metrics,
+                context=self.ctx,
+                next_seq=0 if self.journal is None else self.journal.next_seq(),
+                journal=None if self.journal is None else self.journal.recorder(self._journaled),
+                configure=self._curve.events,
+            )
+            self.events_endpoint = self.publisher.endpoint
+            if self.journal is not None:
+                self.replay = ReplayServer(
+                    self.journal,
+                    self.config.journal.replay_endpoint,
+                    self.ctx,
+                    self.metrics,
+                    configure=self._curve.events,
+                )
+                self.replay.start()
+                self.replay_endpoint = self.replay.endpoint
+            self._frames_sock = self._open_frames_socket()
+        except BaseException:
+            if self.publisher is not None:
+                self.publisher.close()
+            self._close_extras()
+            raise
         self._warm_up()
         for name, target in (
             ("receiver", self._receiver),
@@ -209,11 +242,41 @@ class Daemon:
         done = not any(t.is_alive() for t in self._threads)
         if done and self.publisher is not None:
             self.publisher.close()
+        if done:
+            self._close_extras()
         return done
 
     def alive(self) -> bool:
         """True while every thread runs (the watchdog pings only then)."""
-        return not self._errors and all(t.is_alive() for t in self._threads)
+        return (
+            not self._errors
+            and all(t.is_alive() for t in self._threads)
+            and (self.replay is None or self.replay.alive())
+        )
+
+    def _open_journal_and_security(self) -> None:
+        self._curve = curve_from_config(self.config.frames, self.config.events, self.ctx)
+        jc = self.config.journal
+        if jc.enabled and jc.path is not None:
+            self.journal = EventJournal(
+                jc.path,
+                max_events=jc.max_events,
+                max_age_s=jc.max_age_s,
+                synchronous=jc.synchronous,
+            )
+
+    def _journaled(self, ok: bool) -> None:
+        (self.metrics.events_journaled_total if ok else self.metrics.journal_errors_total).inc()
+
+    def _close_extras(self) -> None:
+        """Close the replay endpoint, the journal and the ZAP handler; idempotent."""
+        if self.replay is not None:
+            self.replay.stop()
+        if self.journal is not None:
+            self.journal.close()
+        if self._auth_monitor is not None:
+            self._auth_monitor.stop()
+        self._curve.stop()
 
     @property
     def errors(self) -> list[BaseException]:
@@ -246,12 +309,19 @@ class Daemon:
         sock.setsockopt(zmq.MAXMSGSIZE, fc.max_bytes + 65536)
         if kind == zmq.SUB:
             sock.setsockopt(zmq.SUBSCRIBE, b"")
-        if fc.bind:
-            sock.bind(fc.endpoint)
-            last = sock.getsockopt(zmq.LAST_ENDPOINT)
-            self.frames_endpoint = last.decode() if isinstance(last, bytes) else str(last)
-        else:
-            sock.connect(fc.endpoint)
+        if self._curve.frames is not None:
+            self._curve.frames(sock)
+            self._auth_monitor = AuthMonitor(sock, "frames", self.metrics)
+        try:
+            if fc.bind:
+                sock.bind(fc.endpoint)
+                last = sock.getsockopt(zmq.LAST_ENDPOINT)
+                self.frames_endpoint = last.decode() if isinstance(last, bytes) else str(last)
+            else:
+                sock.connect(fc.endpoint)
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
         return sock
 
     def _warm_up(self) -> None:
@@ -540,7 +610,7 @@ class Daemon:
 
     def _post(self) -> None:
         trackers: dict[str, Tracker] = {}
-        broken: set[int] = set()  # segments abandoned after an engine failure
+        broken: dict[int, str] = {}  # segments abandoned after an engine failure, and why
         interval = self.config.events.status_interval_s
         next_status = time.monotonic() + interval
         while True:
@@ -558,7 +628,7 @@ class Daemon:
                 self._publish_status(final=False)
                 next_status = time.monotonic() + interval
 
-    def _post_one(self, res: _Result, trackers: dict[str, Tracker], broken: set[int]) -> None:
+    def _post_one(self, res: _Result, trackers: dict[str, Tracker], broken: dict[int, str]) -> None:
         job, cam = res.job, res.camera
         tr = trackers.get(cam)
         if tr is None or tr.segment != job.segment:
@@ -577,13 +647,16 @@ class Daemon:
             )
             trackers[cam] = tr
         if res.error is not None and job.segment not in broken:
-            broken.add(job.segment)
+            broken[job.segment] = res.error
         frames = job.frames
         if job.segment in broken:
+            # the segment's later jobs ran fine (res.error is None): name the failure that broke it
+            why = f"engine error: {broken[job.segment]}"
             for fi in frames:
-                self._count_frame(fi, inspected=False, why=f"engine error: {res.error}")
+                self._count_frame(fi, inspected=False, why=why)
             if job.end:
                 trackers.pop(cam, None)
+                del broken[job.segment]  # its last job: nothing more will come for it
             return
         t0 = time.perf_counter()
         regions = tr.consume(job, res.recon)
@@ -677,6 +750,7 @@ class Daemon:
                 "defects": t.defects,
                 "segments": t.segments,
                 "sequence_gaps": t.gaps,
+                "auth_failures": 0 if self._auth_monitor is None else self._auth_monitor.total(),
                 "not_inspected": t.not_inspected,
                 "breaks": t.breaks,
                 "queues": {

@@ -124,6 +124,7 @@ class Tracker:
         self.raw_lines = 0
         self.tiles_stitched = 0
         self.too_short = False  # the segment ended with fewer rows than one tile
+        self._last_y: int | None = None  # the last regular tile row stitched
 
     def consume(self, job: TileJob, recon: F32 | None) -> list[Region]:
         """Stitch one job's reconstructed tile row; returns the regions it closes."""
@@ -147,7 +148,11 @@ class Tracker:
             accumulate(acc, cnt, recon, [job.y], self.xs, y_origin=self.acc.origin)
             self.tiles_stitched += len(recon)
             if not job.end:
-                self.recon_final = max(self.recon_final, min(job.y + s, job.m_rows - p))
+                self._last_y = job.y
+        if self._last_y is not None and not job.end:
+            # rows above the next regular tile row and above the earliest possible edge row
+            # get no more tiles (a row-only job can move this too: m_rows grew)
+            self.recon_final = max(self.recon_final, min(self._last_y + s, job.m_rows - p))
         if job.end:
             self.ended = True
             if self.x.end >= p:

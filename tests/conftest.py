@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import io
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from linescan.backends.torch_cpu import TorchBackend
 from linescan.calibrate import calibrate
@@ -27,6 +28,20 @@ from linescan.preprocess import InputSpec
 from linescan.train import TrainConfig, TrainResult, train
 
 ConfigFactory = Callable[..., TrainConfig]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Run torch on one thread for the session, and restore the setting after.
+
+    The models here are tiny, so threads gain little; on shared cores they lose a lot: with
+    other jobs running, two intra-op threads trained a tiny model 20x slower than one (their
+    spin-waits fight for the cores). One thread also makes timings predictable.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)

@@ -186,10 +186,10 @@ def test_region_overlap_of_half_covered_square() -> None:
     score[5:15, 5:10] = 1.0
     overlaps = region_overlaps([score], [mask], threshold=0.5)
     np.testing.assert_array_equal(overlaps, [0.5, 0.0])
-    # The opening keeps the 10 x 5 half except 3 pixels of its top row: the 4x4 disk's top
-    # row is a single pixel, so no placement covers the top row's corners.
+    # The opening keeps the 10 x 5 half except its 4 corner pixels: the diameter-4 disk has
+    # no corners, so no placement of it covers a rectangle's corner.
     opened = region_overlaps([score], [mask], threshold=0.5, opening=True)
-    assert opened[0] == pytest.approx((50 - 3) / 100)
+    assert opened[0] == pytest.approx((50 - 4) / 100)
 
 
 def test_regions_are_8_connected_and_per_image() -> None:

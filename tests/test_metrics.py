@@ -31,6 +31,11 @@ EXPECTED = {
     "linescan_model": "info",
     "linescan_ready": "gauge",
     "linescan_engine_errors": "counter",
+    "linescan_auth_failures": "counter",
+    "linescan_events_journaled": "counter",
+    "linescan_journal_errors": "counter",
+    "linescan_replay_requests": "counter",
+    "linescan_events_replayed": "counter",
 }
 
 

@@ -3,6 +3,13 @@
 This is the property that makes the daemon trustworthy (method.md, section 6): a web cut into
 camera frames of any heights must yield exactly the regions the offline pipeline finds on the
 whole web, with real tiny trained models (1/1 and 1/2 down-scaling) and planted defects.
+
+The engine is wrapped in ``TileMemo``: each distinct tile is inferred once and replayed.
+PyTorch's CPU convolutions (fp32 and bf16 alike) give results that differ in the last bits
+with the batch size (measured: up to ~5e-8 in fp32, ~2e-5 in bf16), and the daemon's
+batches fill across frames, so without the wrapper the scores would differ in the last bits
+for reasons that have nothing to do with the band and tracker under test. The wrapper also
+proves that the band cuts exactly the offline tiles: streaming never misses the memo.
 """
 
 from __future__ import annotations
@@ -44,9 +51,32 @@ DEFECTS = [
 PROPERTY = settings(
     max_examples=15,
     deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+class TileMemo:
+    """A batch-invariant backend: every distinct tile is inferred once, then replayed."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.name = f"memo({inner.name})"
+        self.precision = inner.precision
+        self.cache: dict[bytes, npt.NDArray[np.float32]] = {}
+        self.misses = 0
+
+    def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        keys = [tile.tobytes() for tile in batch]
+        new = {k: i for i, k in enumerate(keys) if k not in self.cache}
+        if new:
+            recon = self.inner.infer(batch[list(new.values())])
+            for k, r in zip(new, recon, strict=True):
+                self.cache[k] = r
+            self.misses += len(new)
+        return np.stack([self.cache[k] for k in keys])
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def _web(seed: int = 3) -> npt.NDArray[np.uint8]:
@@ -67,9 +97,17 @@ def _stream(
     grid = TileGrid(meta.patch, meta.stride)
     band = Band(0, meta.input, grid, web.shape[1])
     tracker = Tracker(
-        0, meta.input, grid, band.width, web.shape[1], meta.channels, meta.residual,
-        meta.ssim, meta.threshold, meta.vae_sigma,
-    )  # fmt: skip
+        segment=0,
+        spec=meta.input,
+        grid=grid,
+        width=band.width,
+        raw_width=web.shape[1],
+        channels=meta.channels,
+        residual=meta.residual,
+        ssim=meta.ssim,
+        threshold=meta.threshold,
+        vae_sigma=meta.vae_sigma,
+    )
 
     def feed(jobs: list[TileJob]) -> list[Region]:
         out: list[Region] = []
@@ -109,24 +147,22 @@ def web() -> npt.NDArray[np.uint8]:
     return _web()
 
 
-@pytest.fixture(
-    scope="module", params=["half", "full"], ids=["downscale2", "downscale1"]
-)  # fmt: skip
+@pytest.fixture(scope="module", params=["half", "full"], ids=["downscale2", "downscale1"])
 def streaming_case(
     request: pytest.FixtureRequest,
     ssim_model: Trained,
     ssim_model_full: Trained,
     web: npt.NDArray[np.uint8],
-) -> tuple[BundleMeta, Backend, list[Region]]:
+) -> tuple[BundleMeta, TileMemo, list[Region]]:
     trained = ssim_model if request.param == "half" else ssim_model_full
     meta = _with_low_threshold(trained)
-    backend = trained.backend()
+    backend = TileMemo(trained.backend())
     offline = inspect_image(web, meta, backend).regions
     return meta, backend, offline
 
 
 def test_offline_oracle_is_not_vacuous(
-    streaming_case: tuple[BundleMeta, Backend, list[Region]],
+    streaming_case: tuple[BundleMeta, TileMemo, list[Region]],
 ) -> None:
     """The offline regions on the test web include several regions, planted defects among them."""
     meta, _, offline = streaming_case
@@ -148,7 +184,7 @@ def test_offline_oracle_is_not_vacuous(
 @PROPERTY
 @given(data=st.data())
 def test_stream_equals_offline_for_any_frame_split(
-    streaming_case: tuple[BundleMeta, Backend, list[Region]],
+    streaming_case: tuple[BundleMeta, TileMemo, list[Region]],
     web: npt.NDArray[np.uint8],
     data: st.DataObject,
 ) -> None:
@@ -156,8 +192,10 @@ def test_stream_equals_offline_for_any_frame_split(
     inspect_image's regions on the whole web, field for field (scores included)."""
     meta, backend, offline = streaming_case
     heights = _split(data.draw, WEB_LINES)
+    misses = backend.misses
     got, tracker, _ = _stream(web, heights, meta, backend)
     assert tracker.ended
+    assert backend.misses == misses, "the band cut a tile the offline pipeline did not"
     assert sorted(got, key=_key) == sorted(offline, key=_key)
     assert len(got) == len(set(got)), "a region was reported twice"
 
@@ -167,7 +205,7 @@ def test_stream_equals_offline_with_a_dense_grid(ssim_model: Trained) -> None:
     ones, streaming still equals offline."""
     web = _web(seed=11)[:333]
     meta = replace(_with_low_threshold(ssim_model), stride=7)
-    backend = ssim_model.backend()
+    backend = TileMemo(ssim_model.backend())
     offline = inspect_image(web, meta, backend).regions
     assert offline
     rng = np.random.default_rng(5)
@@ -180,11 +218,11 @@ def test_stream_equals_offline_with_a_dense_grid(ssim_model: Trained) -> None:
 
 
 def test_web_narrower_than_a_tile_is_refused_at_band_creation() -> None:
-    """A web narrower than one tile (at the model's scale) raises ValueError when the band is made."""
+    """A web narrower than one tile at the model's scale raises ValueError at Band creation."""
     grid = TileGrid(32, 30)
     with pytest.raises(ValueError, match="shorter than one 32-pixel tile"):
-        Band(0, InputSpec(downscale=2), grid, raw_width=63)  # 32 model columns would fit
-    Band(0, InputSpec(downscale=2), grid, raw_width=64)
+        Band(0, InputSpec(downscale=2), grid, raw_width=62)  # 31 model columns
+    Band(0, InputSpec(downscale=2), grid, raw_width=63)  # 32: fits (last column repeated)
 
 
 def test_band_refuses_a_fixed_resize_model() -> None:
@@ -194,25 +232,34 @@ def test_band_refuses_a_fixed_resize_model() -> None:
 
 
 def test_tracker_memory_stays_bounded(ssim_model: Trained) -> None:
-    """After a long defect-free web, the tracker's and band's row buffers hold no more than
-    about one tile plus the residual halo on both sides."""
-    trained = ssim_model
-    meta = trained.load().meta
+    """On a long defect-free web the tracker's and band's row buffers never exceed one tile
+    plus one stride plus the residual halo on both sides, however long the web runs."""
+    meta = ssim_model.load().meta
     assert meta.threshold is not None
-    backend = trained.backend()
-    web = WovenWeb(WEB_WIDTH, seed=21).lines(0, 4000)  # defect-free
+    backend = ssim_model.backend()
+    web = WovenWeb(WEB_WIDTH, seed=21).lines(0, 3000)  # defect-free
     grid = TileGrid(meta.patch, meta.stride)
     band = Band(0, meta.input, grid, WEB_WIDTH)
     tracker = Tracker(
-        0, meta.input, grid, band.width, WEB_WIDTH, 1, meta.residual, meta.ssim,
-        meta.threshold * 1.5,
-    )  # fmt: skip
-    bound = meta.patch + 2 * halo(meta.residual, meta.ssim)
+        segment=0,
+        spec=meta.input,
+        grid=grid,
+        width=band.width,
+        raw_width=WEB_WIDTH,
+        channels=1,
+        residual=meta.residual,
+        ssim=meta.ssim,
+        threshold=meta.threshold * 1.5,
+    )
+    # Input rows wait until the residual halo below them is final, and rows become final one
+    # stride at a time (when the next tile row arrives): patch + stride + 2 * halo at most.
+    bound = meta.patch + meta.stride + 2 * halo(meta.residual, meta.ssim)
     rng = np.random.default_rng(0)
-    pos, worst = 0, 0
+    pos = 0
+    worst: list[int] = []
     regions: list[Region] = []
     while pos < len(web):
-        h = int(rng.integers(1, 24))
+        h = int(rng.integers(1, 40))
         for job in band.push(web[pos : pos + h]):
             tiles = None if job.tiles is None else backend.infer(job.tiles)
             regions += tracker.consume(job, tiles)
@@ -225,7 +272,9 @@ def test_tracker_memory_stays_bounded(ssim_model: Trained) -> None:
             tracker.mask.data.shape[0],
             band._rows.shape[0],
         ]
-        worst = max(worst, *sizes)
+        worst.append(max(sizes))
     assert regions == []
-    # frames of up to 23 camera lines add up to 12 model rows that wait for the next tile row
-    assert worst <= bound + 12, worst
+    assert tracker.recon_final > 1400  # it really went down the web
+    assert max(worst) <= bound, max(worst)
+    half = len(worst) // 2
+    assert max(worst[half:]) <= max(worst[:half])  # no growth with the web's length

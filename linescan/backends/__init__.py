@@ -46,13 +46,65 @@ class FunctionBackend:
         return None
 
 
+class FixedBatch:
+    """Runs the inner backend on batches of exactly ``size`` tiles (zero-padded, or split).
+
+    Why: a CPU convolution's result for one tile changes in its last bits with the batch it
+    is computed in (oneDNN picks kernels and blockings by batch size). The offline pipeline
+    cuts an image into batches one way and the daemon fills batches across frames another;
+    with every network call the same size, a tile's reconstruction is the same bits wherever
+    it travels, and the daemon's events equal the offline regions exactly. The padding costs
+    nothing at steady state (the daemon fills whole batches) and little offline.
+    """
+
+    def __init__(self, inner: Backend, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"batch size must be >= 1, got {size}")
+        self.inner = inner
+        self.size = size
+        self.name = inner.name
+        self.precision = inner.precision
+
+    def infer(self, batch: F32) -> F32:
+        n = len(batch)
+        outs = []
+        for i in range(0, n, self.size):
+            chunk = batch[i : i + self.size]
+            k = len(chunk)
+            if k < self.size:
+                pad = np.zeros((self.size - k, *chunk.shape[1:]), dtype=np.float32)
+                chunk = np.concatenate([chunk, pad])
+            outs.append(self.inner.infer(chunk)[:k])
+        if not outs:
+            return np.zeros((0, *batch.shape[1:]), dtype=np.float32)
+        out: F32 = outs[0] if len(outs) == 1 else np.concatenate(outs)
+        return out
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "torch-cuda")
 
 
 def create_backend(
-    bundle: object, name: str = "torch", precision: str = "auto", threads: int | None = None
+    bundle: object,
+    name: str = "torch",
+    precision: str = "auto",
+    threads: int | None = None,
+    batch: int | None = 64,
 ) -> Backend:
-    """The backend ``name`` for a loaded bundle; optional libraries are imported here only."""
+    """The backend ``name`` for a loaded bundle; optional libraries are imported here only.
+
+    With ``batch`` set (the default, 64 = ``inspection.max_batch``) every network call gets
+    exactly that many tiles (see ``FixedBatch``); pass the same value to the offline pipeline's
+    ``Settings.max_batch`` and the daemon's ``max_batch``.
+    """
+    inner = _create(bundle, name, precision, threads)
+    return FixedBatch(inner, batch) if batch else inner
+
+
+def _create(bundle: object, name: str, precision: str, threads: int | None) -> Backend:
     from linescan.errors import EngineError
     from linescan.model.bundle import Bundle
 

@@ -2,25 +2,27 @@
 //
 // Why one kernel: the CPU path blurs five images (x, y, x^2, y^2, xy) one after another and
 // writes each to memory. Here every block loads one tile of input and reconstruction (with a
-// LS_RADIUS-pixel apron) into shared memory once, runs the separable window over the five
+// LS_RADIUS-pixel apron) into shared memory once, runs the separable window over the four
 // moments on chip, and writes only the float32 residual: about 9 bytes of global traffic per
-// pixel for 8-bit input instead of ~60.
+// pixel for 8-bit input instead of ~50.
 //
 // The arithmetic is the CPU residual's (linescan/ssim.py), so the two agree within 1e-4:
 //   * the input is normalised as x * scale (scale = 1 / (2^bits - 1), or 1 for float input),
-//   * both images are centred before the moments, because variances are differences of
-//     nearly equal numbers (E[x^2] - E[x]^2). The CPU subtracts 0.5 * L; here each tile
-//     subtracts one value of its own reconstruction instead (variances do not depend on the
-//     shift, the means get it added back). Why not 0.5 * L: in flat regions near black or
-//     white (a dark web, a saturated one) xc ~ +-0.5 and float32 rounding of xc^2 leaves
-//     ~1.5e-4 error in 1 - SSIM; a local shift makes xc ~ 0 there and keeps the kernel within
-//     ~3e-6 of a float64 computation everywhere (tests/test_gpu.py emulates it in numpy),
+//   * both images are centred by subtracting half = 0.5 * L before the moments,
+//   * four windowed quantities, not five: with xc = x - half, yc = y - half, d = xc - yc,
+//         mx = E[xc], my = E[yc], E1 = E[xc^2 + yc^2], Edd = E[d^2]
+//         V = E1 - mx^2 - my^2 + C2             (var_x + var_y + C2)
+//         Q = Edd - (mx - my)^2                 (var_x + var_y - 2 cov, from the small d)
+//         A = 2 mu_x mu_y + C1,  mu = m + half
+//         SSIM = A (V - Q) / ((A + (mx - my)^2) V)
+//     The term that decides a defect's score (Q) is computed from small numbers instead of as
+//     a difference of large ones, which keeps float32 within ~3e-6 of float64 even on flat
+//     webs near black or white (tests/test_gpu.py emulates this arithmetic in numpy),
 //   * the border is half-sample symmetric reflection (d c b a | a b c d), OpenCV's
 //     BORDER_REFLECT, applied to the whole image, never to a tile,
 //   * the window is separable: a horizontal pass, then a vertical pass, with the normalised
 //     1-D weights in constant memory (set by the loader from SSIMParams.kernel()),
-//   * C1 = (K1 L)^2, C2 = (K2 L)^2, SSIM = (2 mx my + C1)(2 cxy + C2) /
-//     ((mx^2 + my^2 + C1)(vx + vy + C2)), population moments.
+//   * C1 = (K1 L)^2, C2 = (K2 L)^2, population moments.
 //
 // Layout: row-major 2-D images with row pitches in elements (so views of a band are fine).
 // Launch: block (LS_BLOCK_X, LS_BLOCK_Y) = (32, 8), grid (ceil(W / 32), ceil(H / 32)).
@@ -39,8 +41,8 @@
 #define LS_APRON_W (LS_TILE_W + 2 * LS_RADIUS)
 #define LS_APRON_H (LS_TILE_H + 2 * LS_RADIUS)
 
-#if LS_RADIUS < 1 || LS_RADIUS > 8
-#error "LS_RADIUS must be in 1..8 (windows 3..17): shared memory holds the apron"
+#if LS_RADIUS < 1 || LS_RADIUS > 10
+#error "LS_RADIUS must be in 1..10 (windows 3..21): 48 KiB of shared memory holds the apron"
 #endif
 
 // The normalised 1-D window, w[k] for offsets k - LS_RADIUS.
@@ -67,20 +69,19 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 template <typename T>
 __device__ __forceinline__ void ssim_residual_tile(
     const T* __restrict__ x, const float* __restrict__ y, float* __restrict__ out, int height,
-    int width, int x_pitch, int y_pitch, int out_pitch, float scale, float c1, float c2) {
-    // Centred input and reconstruction with the apron; then the five horizontally filtered
+    int width, int x_pitch, int y_pitch, int out_pitch, float scale, float half, float c1,
+    float c2) {
+    // Centred input and reconstruction with the apron; then the four horizontally filtered
     // moments for every apron row and every output column.
     __shared__ float s_x[LS_APRON_H][LS_APRON_W];
     __shared__ float s_y[LS_APRON_H][LS_APRON_W];
-    __shared__ float s_h[5][LS_APRON_H][LS_TILE_W];
+    __shared__ float s_h[4][LS_APRON_H][LS_TILE_W];
 
     const int tx = threadIdx.x;
     const int ty = threadIdx.y;
     const int tid = ty * LS_BLOCK_X + tx;
     const int x0 = blockIdx.x * LS_TILE_W;
     const int y0 = blockIdx.y * LS_TILE_H;
-    // The tile's centring value: its first reconstruction pixel (always inside the image).
-    const float shift = y[static_cast<long long>(y0) * y_pitch + x0];
 
     // 1. Load the tile and its apron, reflecting at the image's borders.
     for (int i = tid; i < LS_APRON_H * LS_APRON_W; i += LS_BLOCK_X * LS_BLOCK_Y) {
@@ -88,8 +89,8 @@ __device__ __forceinline__ void ssim_residual_tile(
         const int c = i - r * LS_APRON_W;
         const int gr = reflect_index(y0 - LS_RADIUS + r, height);
         const int gc = reflect_index(x0 - LS_RADIUS + c, width);
-        s_x[r][c] = to_float(x[static_cast<long long>(gr) * x_pitch + gc]) * scale - shift;
-        s_y[r][c] = y[static_cast<long long>(gr) * y_pitch + gc] - shift;
+        s_x[r][c] = to_float(x[static_cast<long long>(gr) * x_pitch + gc]) * scale - half;
+        s_y[r][c] = y[static_cast<long long>(gr) * y_pitch + gc] - half;
     }
     __syncthreads();
 
@@ -97,14 +98,14 @@ __device__ __forceinline__ void ssim_residual_tile(
     for (int r = ty; r < LS_APRON_H; r += LS_BLOCK_Y) {
         const float* px = &s_x[r][tx + LS_RADIUS];
         const float* py = &s_y[r][tx + LS_RADIUS];
+        const float w0 = c_window[LS_RADIUS];
         const float xc = px[0];
         const float yc = py[0];
-        const float w0 = c_window[LS_RADIUS];
+        const float dc = xc - yc;
         float mx = w0 * xc;
         float my = w0 * yc;
-        float xx = w0 * (xc * xc);
-        float yy = w0 * (yc * yc);
-        float xy = w0 * (xc * yc);
+        float e1 = w0 * (xc * xc + yc * yc);
+        float dd = w0 * (dc * dc);
 #pragma unroll
         for (int j = 1; j <= LS_RADIUS; ++j) {
             const float w = c_window[LS_RADIUS + j];
@@ -112,17 +113,17 @@ __device__ __forceinline__ void ssim_residual_tile(
             const float xb = px[j];
             const float ya = py[-j];
             const float yb = py[j];
+            const float da = xa - ya;
+            const float db = xb - yb;
             mx += w * (xa + xb);
             my += w * (ya + yb);
-            xx += w * (xa * xa + xb * xb);
-            yy += w * (ya * ya + yb * yb);
-            xy += w * (xa * ya + xb * yb);
+            e1 += w * ((xa * xa + ya * ya) + (xb * xb + yb * yb));
+            dd += w * (da * da + db * db);
         }
         s_h[0][r][tx] = mx;
         s_h[1][r][tx] = my;
-        s_h[2][r][tx] = xx;
-        s_h[3][r][tx] = yy;
-        s_h[4][r][tx] = xy;
+        s_h[2][r][tx] = e1;
+        s_h[3][r][tx] = dd;
     }
     __syncthreads();
 
@@ -130,9 +131,9 @@ __device__ __forceinline__ void ssim_residual_tile(
     //    keeps the LS_ROWS_PER_THREAD + 2 * LS_RADIUS values it needs in registers.
     const int col = x0 + tx;
     const int row0 = ty * LS_ROWS_PER_THREAD;  // first output row of this thread, in the tile
-    float m[5][LS_ROWS_PER_THREAD];
+    float m[4][LS_ROWS_PER_THREAD];
 #pragma unroll
-    for (int k = 0; k < 5; ++k) {
+    for (int k = 0; k < 4; ++k) {
         float v[LS_ROWS_PER_THREAD + 2 * LS_RADIUS];
 #pragma unroll
         for (int i = 0; i < LS_ROWS_PER_THREAD + 2 * LS_RADIUS; ++i) {
@@ -140,8 +141,7 @@ __device__ __forceinline__ void ssim_residual_tile(
         }
 #pragma unroll
         for (int o = 0; o < LS_ROWS_PER_THREAD; ++o) {
-            // The symmetric window as the CPU's separable filter applies it: the centre tap,
-            // then pairs w[j] * (v[-j] + v[+j]).
+            // The symmetric window: the centre tap, then pairs w[j] * (v[-j] + v[+j]).
             float acc = c_window[LS_RADIUS] * v[o + LS_RADIUS];
 #pragma unroll
             for (int j = 1; j <= LS_RADIUS; ++j) {
@@ -157,16 +157,15 @@ __device__ __forceinline__ void ssim_residual_tile(
     for (int o = 0; o < LS_ROWS_PER_THREAD; ++o) {
         const int row = y0 + row0 + o;
         if (row < height) {
-            const float mxc = m[0][o];
-            const float myc = m[1][o];
-            const float vx = m[2][o] - mxc * mxc;
-            const float vy = m[3][o] - myc * myc;
-            const float cxy = m[4][o] - mxc * myc;
-            const float mx = mxc + shift;
-            const float my = myc + shift;
-            const float num = (2.0f * mx * my + c1) * (2.0f * cxy + c2);
-            const float den = (mx * mx + my * my + c1) * (vx + vy + c2);
-            out[static_cast<long long>(row) * out_pitch + col] = 1.0f - num / den;
+            const float mx = m[0][o];
+            const float my = m[1][o];
+            const float md = mx - my;
+            const float md2 = md * md;
+            const float q = m[3][o] - md2;                      // var_x + var_y - 2 cov
+            const float v = m[2][o] - mx * mx - my * my + c2;  // var_x + var_y + C2
+            const float a = 2.0f * ((mx + half) * (my + half)) + c1;
+            const float ssim = (a * (v - q)) / ((a + md2) * v);
+            out[static_cast<long long>(row) * out_pitch + col] = 1.0f - ssim;
         }
     }
 }
@@ -175,9 +174,9 @@ __device__ __forceinline__ void ssim_residual_tile(
     extern "C" __global__ void __launch_bounds__(LS_BLOCK_X * LS_BLOCK_Y) name(              \
         const T* __restrict__ x, const float* __restrict__ y, float* __restrict__ out,      \
         int height, int width, int x_pitch, int y_pitch, int out_pitch, float scale,        \
-        float c1, float c2) {                                                               \
+        float half, float c1, float c2) {                                                   \
         ssim_residual_tile<T>(x, y, out, height, width, x_pitch, y_pitch, out_pitch, scale, \
-                              c1, c2);                                                      \
+                              half, c1, c2);                                                \
     }
 
 LS_DEFINE_KERNEL(ssim_residual_u8, unsigned char)

@@ -7,6 +7,7 @@ logged and exported as a metric label by the caller.
 
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from linescan.backends import F32
 from linescan.errors import EngineError
 from linescan.model.autoencoder import VariationalAutoencoder
 from linescan.model.bundle import Bundle
+from linescan.threads import affinity_cores
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -52,7 +54,9 @@ class TorchBackend:
         self.name = "torch"
         self.precision = resolve_precision(precision)
         if threads is not None:
-            torch.set_num_threads(threads)
+            # Never a bigger OpenMP team than the cores this process may run on: a team larger
+            # than its cores stalls at every barrier (see linescan.threads).
+            torch.set_num_threads(max(1, min(threads, affinity_cores())))
         self._module = bundle.module.eval()
         self._module = self._module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self._meta = bundle.meta
@@ -61,14 +65,24 @@ class TorchBackend:
             if isinstance(self._module, VariationalAutoencoder)
             else None
         )
+        # bf16 for the plain autoencoder: a bf16 copy of the weights, made once. Bit for bit
+        # what autocast computes (autocast rounds the same fp32 weights to bf16, on every
+        # call), without the per-call casts. The VAE keeps autocast: its posterior sampling
+        # mixes fp32 noise into the bf16 code, which autocast promotes and casts back.
+        self._bf16: torch.nn.Module | None = None
+        if self.precision == "bf16" and self._noise is None:
+            self._bf16 = copy.deepcopy(self._module).to(dtype=torch.bfloat16)
 
     @torch.inference_mode()
     def infer(self, batch: F32) -> F32:
         try:
             x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
             x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-                y = self._forward(x)
+            if self._bf16 is not None:
+                y = self._bf16(x.to(torch.bfloat16))
+            else:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                    y = self._forward(x)
             out: F32 = y.float().contiguous().numpy()
         except RuntimeError as exc:
             raise EngineError(f"torch CPU inference failed: {exc}") from exc

@@ -1,0 +1,379 @@
+"""Reliability: fuzzed frames, overload, SIGKILL restarts (the soak, short), safe model files.
+
+The daemon runs for real here: ZeroMQ sockets on loopback, its four threads, the flat-web
+model of ``tools/fuzz.py`` (a function backend in process; a real zero-weight network in the
+soak's ``linescan serve`` subprocess).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+
+from linescan.config import Config
+from linescan.errors import ModelError
+from linescan.ingest import FrameLimits
+from linescan.model.bundle import META_FILE, WEIGHTS_FILE, load_bundle, sha256_file
+from linescan.service import Daemon
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import fuzz
+import soak
+
+Context = zmq.Context[zmq.Socket[bytes]]
+LIMITS = FrameLimits(max_width=4096, max_height=4096, max_bytes=1 << 20)
+
+
+@pytest.fixture(scope="module")
+def context() -> Iterator[Context]:
+    ctx: Context = zmq.Context()
+    yield ctx
+    ctx.term()
+
+
+def config(**sections: dict[str, Any]) -> Config:
+    base: dict[str, dict[str, Any]] = {
+        "frames": {
+            "endpoint": "tcp://127.0.0.1:*",
+            "max_width": LIMITS.max_width,
+            "max_height": LIMITS.max_height,
+            "max_bytes": LIMITS.max_bytes,
+        },
+        "events": {"endpoint": "tcp://127.0.0.1:*", "status_interval_s": 0.1},
+        "metrics": {"enabled": False},
+        "inspection": {"stride": fuzz.STRIDE, "max_wait_ms": 5.0},
+        "queues": {"overload": "block"},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return Config.model_validate(base)
+
+
+def wait(pred: Callable[[], bool], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()
+
+
+class Run:
+    """A daemon started for one test; its events collected through on_event."""
+
+    def __init__(self, context: Context, cfg: Config, backend: Any = None) -> None:
+        self.statuses: list[dict[str, Any]] = []
+        self.defects: list[dict[str, Any]] = []
+        self.daemon = Daemon(
+            cfg,
+            fuzz.flat_meta(),
+            backend or fuzz.flat_backend(),
+            CollectorRegistry(),
+            context,
+            on_event=lambda t, b: (self.defects if t == "defect" else self.statuses).append(b),
+        )
+        self.daemon.start()
+
+    def seen(self) -> int:
+        t = self.daemon.totals
+        return t.frames_received + t.frames_rejected
+
+    def finish(self) -> dict[str, Any]:
+        """Stop, drain, and the final status (with every not-inspected range of the run)."""
+        self.daemon.stop()
+        assert self.daemon.join(30)
+        final = dict(self.statuses[-1])
+        assert final["final"]
+        final["not_inspected"] = [r for s in self.statuses for r in s["not_inspected"]]
+        return final
+
+    def rejected_metric(self, reason: str) -> float:
+        value = self.daemon.registry.get_sample_value(
+            "linescan_frames_rejected_total", {"reason": reason}
+        )
+        return value or 0.0
+
+
+def fuzz_daemon(context: Context, messages: list[fuzz.Message]) -> tuple[Run, dict[str, Any]]:
+    run = Run(context, config())
+    try:
+        fuzz.send(run.daemon.frames_endpoint, messages, context)
+        assert wait(lambda: run.seen() == len(messages)), (run.seen(), len(messages))
+        assert run.daemon.alive()
+    finally:
+        final = run.finish()
+    return run, final
+
+
+def assert_as_planned(run: Run, final: dict[str, Any], messages: list[fuzz.Message]) -> None:
+    problems = fuzz.check(messages, final, run.defects)
+    assert problems == []
+    for reason, n in fuzz.expected(messages).rejected.items():
+        assert run.rejected_metric(reason) == n
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+action = st.tuples(st.sampled_from(("valid", "valid", *fuzz.KINDS)), st.booleans())
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(actions=st.lists(action, min_size=1, max_size=24), seed=st.integers(0, 2**32 - 1))
+def test_fuzzed_frames_are_rejected_by_reason(
+    context: Context, actions: list[tuple[str, bool]], seed: int
+) -> None:
+    """Malformed frames between valid ones over a real PUSH socket: each is rejected with its
+    reason and counted (status and metrics), the daemon stays up, every valid frame between
+    them is inspected, planted defects are found, and a frame lost in transit shows as one
+    sequence gap naming exactly its lines."""
+    messages = fuzz.plan(fuzz.Planner(random.Random(seed), limits=LIMITS), actions)
+    for m in messages:  # the plan agrees with the wire-format spec (parse_frame)
+        if m.kind not in ("valid", "narrow", "duplicate", "out_of_order"):
+            assert m.expect == fuzz.oracle(m.parts, LIMITS)
+    run, final = fuzz_daemon(context, messages)
+    assert_as_planned(run, final, messages)
+
+
+def test_every_kind_of_bad_frame(context: Context) -> None:
+    """Each fuzz kind twice, between valid frames with defects: all reasons are reached and
+    the counts are exact."""
+    rng = random.Random(3)
+    actions = [(k, False) for k in fuzz.KINDS for _ in range(2)]
+    rng.shuffle(actions)
+    actions = [a for k in actions for a in (k, ("valid", True))]
+    messages = fuzz.plan(fuzz.Planner(rng, limits=LIMITS), actions)
+    run, final = fuzz_daemon(context, messages)
+    assert_as_planned(run, final, messages)
+    reasons = set(final["rejected_by_reason"])
+    assert reasons == {
+        "parts",
+        "header_size",
+        "json",
+        "version",
+        "field",
+        "dtype",
+        "dims",
+        "size",
+        "sequence",
+    }
+    assert final["sequence_gaps"] >= 1
+    assert len(run.defects) == sum(1 for a in actions if a == ("valid", True))
+
+
+def test_a_message_over_the_socket_limit_only_cuts_its_sender(context: Context) -> None:
+    """A message bigger than frames.max_bytes + 64 KiB is refused by ZeroMQ before it is
+    allocated (ZMQ_MAXMSGSIZE): it closes that sender's connection and never reaches the daemon
+    as a frame (so it is not among the rejections); the daemon stays up and a camera on
+    another connection is inspected."""
+    run = Run(context, config(frames={"max_bytes": 1 << 16}))
+    planner = fuzz.Planner(random.Random(0), limits=FrameLimits(4096, 4096, 1 << 16))
+    attacker = context.socket(zmq.PUSH)
+    try:
+        attacker.setsockopt(zmq.LINGER, 0)
+        attacker.connect(run.daemon.frames_endpoint)
+        before = [planner.valid(defect=True) for _ in range(3)]
+        fuzz.send(run.daemon.frames_endpoint, before, context)
+        assert wait(lambda: run.seen() == 3)
+        header = json.dumps({"v": 1, "seq": 0, "height": 1024, "width": 1024, "dtype": "uint8"})
+        attacker.send_multipart([header.encode(), bytes(1 << 20)])
+        after = [planner.valid(defect=True) for _ in range(2)] + [planner.valid(end=True)]
+        fuzz.send(run.daemon.frames_endpoint, after, context)
+        assert wait(lambda: run.seen() == 6)
+        time.sleep(0.2)
+        assert run.daemon.alive()
+    finally:
+        attacker.close(linger=0)
+        final = run.finish()
+    assert (final["frames_received"], final["frames_inspected"], final["frames_rejected"]) == (
+        6,
+        6,
+        0,
+    )
+    assert len(run.defects) == 5
+
+
+# ----------------------------------------------------------------------------- overload
+
+
+def rss_mib() -> float:
+    return soak.rss_kib(os.getpid()) / 1024
+
+
+def test_overload_accounting_is_exact(context: Context) -> None:
+    """Frames offered at about twice the daemon's capacity (a backend taking 20 ms a batch
+    of one frame's tiles): offered = inspected + dropped exactly, the status messages name
+    every dropped line range, and memory stays bounded."""
+    cfg = config(
+        queues={"overload": "drop-newest", "ingest": 4, "inference": 2},
+        inspection={"max_batch": 14, "max_wait_ms": 1.0},
+    )
+    run = Run(context, cfg, fuzz.flat_backend(delay_s=0.02))
+    planner = fuzz.Planner(random.Random(0), limits=LIMITS)
+    sock = context.socket(zmq.PUSH)
+    offered: list[fuzz.Message] = []
+    rss: list[float] = []
+    try:
+        sock.setsockopt(zmq.LINGER, 10_000)
+        sock.connect(run.daemon.frames_endpoint)
+        t0 = time.monotonic()
+        seconds, fps = 3.0, 100.0  # capacity: about 50 frames a second
+        while (i := len(offered)) < seconds * fps:
+            due = t0 + i / fps
+            if due > time.monotonic():
+                time.sleep(due - time.monotonic())
+            offered.append(planner.valid())
+            sock.send_multipart(offered[-1].parts)
+            if i % 25 == 0:
+                rss.append(rss_mib())
+        assert wait(lambda: run.seen() == len(offered))
+        assert run.daemon.alive()
+    finally:
+        sock.close()
+        final = run.finish()
+    n = len(offered)
+    assert final["frames_received"] == n
+    assert final["frames_rejected"] == 0
+    assert final["frames_inspected"] + final["frames_dropped"] == n
+    assert 0.2 * n <= final["frames_dropped"] <= 0.9 * n
+    assert final["lines_inspected"] + final["lines_dropped"] == n * fuzz.PATCH
+    ranges = [r for r in final["not_inspected"] if not r["why"].startswith("sequence gap")]
+    assert sum(r["line_end"] - r["line_start"] for r in ranges) == final["lines_dropped"]
+    assert all(r["why"] == "dropped: overload" for r in ranges)
+    assert len({r["seq"] for r in ranges}) == final["frames_dropped"]
+    dropped_metric = run.daemon.registry.get_sample_value(
+        "linescan_frames_dropped_total", {"reason": "overload"}
+    )
+    assert dropped_metric == final["frames_dropped"]
+    assert max(rss) - rss[1] < 64, rss
+
+
+# ----------------------------------------------------------------------------- the soak
+
+
+@pytest.mark.slow
+def test_soak_short(tmp_path: Path) -> None:
+    """tools/soak.py, short: against a real `linescan serve` process with CurveZMQ, refused
+    senders are counted, fuzzed frames are accounted for exactly, overload at 2x capacity keeps
+    offered = inspected + dropped + rejected with RSS bounded, and after SIGKILL the journal is
+    intact, seq continues from the last journaled + 1, and subscribers (live across the
+    restart, and one that was down) have every event exactly once."""
+    rows = soak.run(tmp_path, duration=3.0, restarts=1)
+    table = soak.table(rows)
+    assert not any(r.problems for r in rows), table
+    by = {r.scenario: r for r in rows}
+    assert set(by) == {"auth", "fuzz", "overload", "restart", "late subscriber", "subscriber"}
+    assert by["restart"].restarts == 1
+    assert by["subscriber"].restarts == 1
+    journaled = by["subscriber"].journaled
+    assert journaled
+    assert journaled == (by["subscriber"].published or 0) + (by["subscriber"].replayed or 0)
+    late = by["late subscriber"]
+    assert late.journaled
+    assert late.replayed == late.journaled  # all of it from the journal
+
+
+# ----------------------------------------------------------------------------- model files
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> Path:
+    """A small real bundle (no training: the flat model's zero weights)."""
+    return fuzz.flat_bundle(tmp_path / "bundle")
+
+
+def set_checksum(bundle: Path, digest: str | None = None) -> None:
+    meta = json.loads((bundle / META_FILE).read_text())
+    meta["weights"]["sha256"] = digest or sha256_file(bundle / WEIGHTS_FILE)
+    (bundle / META_FILE).write_text(json.dumps(meta))
+
+
+def test_a_sound_bundle_loads(bundle: Path) -> None:
+    """The fixture bundle itself loads (so the refusals below are about the damage)."""
+    assert load_bundle(bundle).meta.name == "flat"
+
+
+def test_truncated_weights_are_refused(bundle: Path) -> None:
+    """A truncated weights file fails the checksum, and with a matching checksum fails to
+    read: either way a ModelError that says so."""
+    w = bundle / WEIGHTS_FILE
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(ModelError, match="does not match the checksum"):
+        load_bundle(bundle)
+    set_checksum(bundle)
+    with pytest.raises(ModelError, match=f"cannot read {WEIGHTS_FILE}"):
+        load_bundle(bundle)
+
+
+def test_a_flipped_bit_is_refused(bundle: Path) -> None:
+    """One bit flipped anywhere in the weights: refused by the checksum."""
+    w = bundle / WEIGHTS_FILE
+    data = bytearray(w.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    w.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="truncated, corrupt or was replaced"):
+        load_bundle(bundle)
+
+
+def test_an_edited_checksum_is_refused(bundle: Path) -> None:
+    """bundle.json with its checksum edited (or removed) does not load."""
+    set_checksum(bundle, "0" * 64)
+    with pytest.raises(ModelError, match="does not match the checksum"):
+        load_bundle(bundle)
+    meta = json.loads((bundle / META_FILE).read_text())
+    del meta["weights"]["sha256"]
+    (bundle / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="missing field 'sha256'"):
+        load_bundle(bundle)
+
+
+class _Exploit:
+    """Unpickling this runs a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("form", ["torch.save", "plain pickle"])
+def test_pickled_code_is_never_run(bundle: Path, tmp_path: Path, form: str) -> None:
+    """A weights file carrying a pickled os.system call, even with a matching checksum, is
+    refused by the weights-only unpickler and the command never runs."""
+    marker = tmp_path / "pwned"
+    w = bundle / WEIGHTS_FILE
+    if form == "torch.save":
+        torch.save({"encoder.0.weight": _Exploit(marker)}, w)
+    else:
+        w.write_bytes(pickle.dumps({"encoder.0.weight": _Exploit(marker)}))
+    set_checksum(bundle)
+    with pytest.raises(ModelError, match=f"cannot read {WEIGHTS_FILE}"):
+        load_bundle(bundle)
+    assert not marker.exists()
+
+
+def test_a_state_dict_of_non_tensors_is_refused(bundle: Path) -> None:
+    """Plain containers that are not tensors pass the unpickler but not the loader."""
+    torch.save({"encoder.0.weight": [1, 2, 3]}, bundle / WEIGHTS_FILE)
+    set_checksum(bundle)
+    with pytest.raises(ModelError, match="not a plain state_dict"):
+        load_bundle(bundle)

@@ -1,0 +1,714 @@
+#!/usr/bin/env python3
+"""Performance benchmark: one run, one table, ratios measured side by side, and a JSON file.
+
+    .venv/bin/python tools/bench.py [--quick] [--out bench.json] [--markdown]
+
+What it measures (the Table I autoencoder, d = 100, 128x128 patches, batches of 64):
+
+* the naive per-patch reference (a loop over windows, batch 1, fp32 eager NCHW, overlap-averaged,
+  then a 2-D-convolution SSIM in torch: the way the public SSIM-autoencoder scripts do it)
+  against our pipeline on the same 1024x700 image, with the largest residual difference;
+* the SSIM residual of a 4096x1024 frame against scikit-image (and kornia / pytorch-msssim
+  when installed), with the largest difference, border included;
+* model tiles/s per backend and precision;
+* offline end-to-end Mpx/s at stride 30, 64 and 128, and the 1024x700 image beside the paper's
+  3.61 s (Tesla V100);
+* stitching + residual + segmentation as a share of the model's time (4096x1024, stride 30);
+* the daemon's sustained lines/s and capture-to-event latency, driven by the simulator;
+* bf16 against fp32 pixel AUROC on trained models, when they exist (``--accuracy``).
+
+Every timing except the naive reference and the daemon is taken twice: on the machine as it
+is, and with one core kept busy by another process (a spinning subprocess, killed after), as
+an inspection PC that runs other software. Nothing here is a test: no result fails the run.
+
+The thread plan (``linescan.threads``) is set before torch or OpenCV is imported, as the
+daemon's entry point does; offline work is sequential, so the plan is the non-pipelined one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from linescan.threads import ThreadPlan, configure_threads  # noqa: E402  (before torch)
+
+PLAN: ThreadPlan = configure_threads(pipelined=False)
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import numpy.typing as npt  # noqa: E402
+import torch  # noqa: E402
+
+from linescan import ssim as ssim_mod  # noqa: E402
+from linescan.backends.torch_cpu import TorchBackend, cpu_has_native_bf16  # noqa: E402
+from linescan.data.synthetic import WovenWeb  # noqa: E402
+from linescan.model.autoencoder import Autoencoder  # noqa: E402
+from linescan.model.bundle import Bundle, BundleMeta, load_bundle, save_bundle  # noqa: E402
+from linescan.pipeline import Settings, infer_tiles, inspect_image, reconstruct  # noqa: E402
+from linescan.pipeline import segment as segment_residual  # noqa: E402
+from linescan.preprocess import InputSpec  # noqa: E402
+from linescan.residual import compute_residual  # noqa: E402
+from linescan.ssim import SSIMParams, ssim_map  # noqa: E402
+from linescan.tiling import TileGrid, cut_tiles, stitch  # noqa: E402
+
+F32 = npt.NDArray[np.float32]
+PAPER_V100_S = 3.61  # Bergmann et al. 2018: one 1024x700 image at stride 30 on a Tesla V100
+PATCH, LATENT, BATCH = 128, 100, 64
+FRAME_H, FRAME_W = 1024, 4096  # a 4096-pixel line-scan frame of 1024 lines
+PAPER_H, PAPER_W = 700, 1024
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@dataclass(frozen=True)
+class Timing:
+    best: float
+    median: float
+    reps: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"best_s": self.best, "median_s": self.median, "reps": self.reps}
+
+
+def timeit(
+    fn: Callable[[], object], min_time: float = 1.0, min_reps: int = 3, max_reps: int = 50
+) -> Timing:
+    """Run ``fn`` once to warm up, then until ``min_time`` and ``min_reps`` are both reached."""
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (
+        len(times) < min_reps or time.perf_counter() - start < min_time
+    ):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return Timing(min(times), float(np.median(times)), len(times))
+
+
+@contextlib.contextmanager
+def one_core_loaded(enabled: bool = True) -> Iterator[None]:
+    """Another process keeps one core busy (a plain spinning loop) while the block runs."""
+    if not enabled:
+        yield
+        return
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    time.sleep(0.3)  # let it get on a core
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def woven(height: int, width: int, seed: int = 11) -> npt.NDArray[np.uint8]:
+    img: npt.NDArray[np.uint8] = WovenWeb(width, seed).lines(0, height)
+    return img
+
+
+def table1_bundle(folder: Path) -> Bundle:
+    """The Table I network (d = 100, 128x128) with fixed random weights, as a saved bundle.
+
+    Random weights time the same as trained ones; the threshold is set per image below so that
+    segmentation sees a sparse mask, as on a good web.
+    """
+    torch.manual_seed(0)
+    module = Autoencoder(PATCH, LATENT).eval()
+    meta = BundleMeta(loss="ssim", latent=LATENT, patch=PATCH, residual="ssim", stride=30,
+                      input=InputSpec(downscale=1), threshold=0.5, name="table1-bench")  # fmt: skip
+    save_bundle(folder, module, meta)
+    return load_bundle(folder)
+
+
+class EagerNCHW:
+    """fp32 eager, NCHW, no autocast: the plain ``model(x)`` of the public scripts."""
+
+    name = "torch"
+    precision = "fp32-nchw"
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.module = bundle.module.eval()
+
+    @torch.inference_mode()
+    def infer(self, batch: F32) -> F32:
+        out: F32 = self.module(torch.from_numpy(batch)).numpy()
+        return out
+
+    def close(self) -> None:
+        return None
+
+
+# --------------------------------------------------------------------------- the naive way
+
+
+def naive_ssim_torch(x: torch.Tensor, y: torch.Tensor, params: SSIMParams) -> torch.Tensor:
+    """SSIM as the public PyTorch scripts write it: a 2-D Gaussian window in ``conv2d``, five
+    moments, no centring. The border is BORDER_REFLECT (index-gathered: torch's "reflect" pad
+    is the other reflection), so that the output can be compared pixel for pixel."""
+    k1 = torch.from_numpy(params.kernel())
+    win = (k1[:, None] * k1[None, :]).to(torch.float32)[None, None]
+    r = params.radius
+    h, w = x.shape[-2:]
+    iy = torch.tensor([_reflect(i, h) for i in range(-r, h + r)])
+    ix = torch.tensor([_reflect(i, w) for i in range(-r, w + r)])
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(t[..., iy, :][..., ix], win)
+
+    mx, my = blur(x), blur(y)
+    vx = blur(x * x) - mx * mx
+    vy = blur(y * y) - my * my
+    cxy = blur(x * y) - mx * my
+    c1, c2 = params.c1, params.c2
+    return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+
+
+def _reflect(i: int, n: int) -> int:
+    period = 2 * n
+    i %= period
+    return i if i < n else period - 1 - i
+
+
+def naive_residual(image: npt.NDArray[np.uint8], bundle: Bundle, stride: int) -> F32:
+    """A loop over windows, one tile per forward pass, fp32 eager NCHW; overlap-averaged."""
+    module = bundle.module.eval()
+    x = image.astype(np.float32) / 255.0
+    h, w = x.shape
+    grid = TileGrid(PATCH, stride)
+    acc = np.zeros((h, w), np.float32)
+    cnt = np.zeros((h, w), np.float32)
+    with torch.inference_mode():
+        for y0 in grid.positions(h):
+            for x0 in grid.positions(w):
+                tile = torch.from_numpy(x[y0 : y0 + PATCH, x0 : x0 + PATCH].copy())
+                rec = module(tile[None, None])[0, 0].numpy()
+                acc[y0 : y0 + PATCH, x0 : x0 + PATCH] += rec
+                cnt[y0 : y0 + PATCH, x0 : x0 + PATCH] += 1
+        recon = torch.from_numpy(acc / cnt)[None, None]
+        s = naive_ssim_torch(torch.from_numpy(x)[None, None], recon, bundle.meta.ssim)
+    out: F32 = (1.0 - s[0, 0]).numpy()
+    return out
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def bench_ssim(quick: bool, loaded: bool) -> dict[str, Any]:
+    from skimage.metrics import structural_similarity
+
+    x = woven(FRAME_H, FRAME_W).astype(np.float32) / 255.0
+    y = np.clip(cv2.GaussianBlur(x, (5, 5), 1.0) + 0.01, 0, 1).astype(np.float32)
+    p = SSIMParams()
+    reps = 1 if quick else 3
+    out: dict[str, Any] = {"frame": f"{FRAME_W}x{FRAME_H}"}
+    with one_core_loaded(loaded):
+        sk_t = timeit(
+            lambda: structural_similarity(x, y, gaussian_weights=True, sigma=1.5,
+                                          use_sample_covariance=False, data_range=1.0, full=True),
+            min_time=0, min_reps=reps, max_reps=reps,
+        )  # fmt: skip
+        ref = structural_similarity(x, y, gaussian_weights=True, sigma=1.5,
+                                    use_sample_covariance=False, data_range=1.0,
+                                    full=True)[1]  # fmt: skip
+        out["skimage"] = sk_t.to_dict()
+        workers_before = ssim_mod.get_workers()
+        for label, workers in (("ours_1_thread", 1), (f"ours_{PLAN.usable}_threads", PLAN.usable)):
+            ssim_mod.set_workers(workers)
+            t = timeit(lambda: ssim_map(x, y, p), min_time=0.5 if quick else 1.5)
+            got = ssim_map(x, y, p)
+            out[label] = {
+                **t.to_dict(),
+                "speedup_vs_skimage": sk_t.median / t.median,
+                "max_abs_diff": float(np.abs(got - ref).max()),
+            }
+        ssim_mod.set_workers(workers_before)
+        out.update(_ssim_peers(x, y, ref, sk_t, quick))
+    return out
+
+
+def _ssim_peers(x: F32, y: F32, ref: F32, sk_t: Timing, quick: bool) -> dict[str, Any]:
+    """kornia / pytorch-msssim, when installed (never a dependency): time and interior diff."""
+    out: dict[str, Any] = {}
+    r = 5
+    tx, ty = torch.from_numpy(x)[None, None], torch.from_numpy(y)[None, None]
+    try:
+        import kornia  # type: ignore[import-not-found,unused-ignore]
+
+        def kornia_map() -> torch.Tensor:
+            m: torch.Tensor = kornia.metrics.ssim(tx, ty, 11, max_val=1.0)
+            return m
+
+        t = timeit(kornia_map, min_time=0, min_reps=1 if quick else 2, max_reps=3)
+        diff = (kornia_map()[0, 0].numpy() - ref)[r:-r, r:-r]
+        out["kornia"] = {**t.to_dict(), "speedup_vs_skimage": sk_t.median / t.median,
+                         "max_abs_diff_interior": float(np.abs(diff).max())}  # fmt: skip
+    except ImportError:
+        out["kornia"] = "not installed"
+    try:
+        from pytorch_msssim import ssim as msssim_ssim  # type: ignore[import-not-found,unused-ignore]
+
+        def msssim_mean() -> torch.Tensor:
+            v: torch.Tensor = msssim_ssim(tx, ty, data_range=1.0, win_size=11, win_sigma=1.5)
+            return v
+
+        # pytorch-msssim returns the mean over a valid-only window, not a map: time only.
+        t = timeit(msssim_mean, min_time=0, min_reps=1 if quick else 2, max_reps=3)
+        out["pytorch_msssim"] = {**t.to_dict(), "speedup_vs_skimage": sk_t.median / t.median,
+                                 "note": "mean only (no map), valid region"}  # fmt: skip
+    except ImportError:
+        out["pytorch_msssim"] = "not installed"
+    return out
+
+
+def bench_engines(bundle: Bundle, quick: bool, loaded: bool) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    batch = rng.random((BATCH, 1, PATCH, PATCH), dtype=np.float32)
+    engines: list[tuple[str, Any]] = [
+        ("torch fp32 eager NCHW", EagerNCHW(bundle)),
+        ("torch fp32 channels_last", TorchBackend(bundle, precision="fp32")),
+    ]
+    if cpu_has_native_bf16():
+        engines.append(("torch bf16 channels_last", TorchBackend(bundle, precision="bf16")))
+    onnx = _onnx_backend(bundle)
+    if isinstance(onnx, str):
+        engines_note = onnx
+    else:
+        engines.append(("onnxruntime fp32", onnx))
+        engines_note = ""
+    out: dict[str, Any] = {"batch": BATCH, "patch": PATCH, "latent": LATENT}
+    if engines_note:
+        out["onnxruntime"] = engines_note
+    with one_core_loaded(loaded):
+        for name, eng in engines:
+            t = timeit(lambda e=eng: e.infer(batch), min_time=0.6 if quick else 2.0)
+            out[name] = {**t.to_dict(), "tiles_per_s": BATCH / t.median}
+            log(f"  {name}: {BATCH / t.median:.0f} tiles/s")
+    return out
+
+
+def _onnx_backend(bundle: Bundle) -> Any:
+    try:
+        from linescan.backends.onnx_cpu import OnnxBackend
+        from linescan.export import export_onnx
+    except ImportError as exc:
+        return f"not available ({exc})"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_onnx(bundle.path)
+        return OnnxBackend(load_bundle(bundle.path), threads=PLAN.torch_intra)
+    except Exception as exc:  # optional extra; report, never fail the benchmark
+        return f"not available ({type(exc).__name__}: {exc})"
+
+
+def production_backend(bundle: Bundle) -> TorchBackend:
+    return TorchBackend(bundle, precision="auto")
+
+
+def bench_naive(bundle: Bundle, quick: bool) -> dict[str, Any]:
+    stride = 64 if quick else 30
+    image = woven(PAPER_H, PAPER_W, seed=5)
+    meta = replace(bundle.meta, stride=stride)
+    n_tiles = len(TileGrid(PATCH, stride).coords(PAPER_H, PAPER_W))
+    log(f"  naive reference: {n_tiles} tiles one by one...")
+    t0 = time.perf_counter()
+    naive = naive_residual(image, bundle, stride)
+    t_naive = time.perf_counter() - t0
+    out: dict[str, Any] = {"image": f"{PAPER_W}x{PAPER_H}", "stride": stride, "tiles": n_tiles,
+                           "naive_s": t_naive}  # fmt: skip
+    for label, backend in (
+        ("ours_fp32", TorchBackend(bundle, precision="fp32")),
+        ("ours_production", production_backend(bundle)),
+    ):
+        res = reconstruct(image, meta, backend).residual
+        t = timeit(lambda b=backend: reconstruct(image, meta, b), min_time=0.5, min_reps=2)
+        out[label] = {
+            **t.to_dict(),
+            "precision": backend.precision,
+            "speedup_vs_naive": t_naive / t.median,
+            "max_abs_residual_diff": float(np.abs(res - naive).max()),
+        }
+    return out
+
+
+def bench_offline(bundle: Bundle, quick: bool, loaded: bool) -> dict[str, Any]:
+    frame = woven(FRAME_H, FRAME_W)
+    paper = woven(PAPER_H, PAPER_W, seed=5)
+    backend = production_backend(bundle)
+    out: dict[str, Any] = {"precision": backend.precision, "frame": f"{FRAME_W}x{FRAME_H}"}
+    strides = (30, 128) if quick else (30, 64, 128)
+    with one_core_loaded(loaded):
+        for stride in strides:
+            meta = _with_threshold(bundle.meta, stride, frame, backend)
+            t = timeit(lambda m=meta: inspect_image(frame, m, backend),
+                       min_time=0, min_reps=1 if quick else 2, max_reps=2)  # fmt: skip
+            out[f"stride_{stride}"] = {**t.to_dict(), "mpx_per_s": frame.size / 1e6 / t.median}
+            log(f"  stride {stride}: {frame.size / 1e6 / t.median:.2f} Mpx/s")
+        meta = _with_threshold(bundle.meta, 30, paper, backend)
+        t = timeit(lambda: inspect_image(paper, meta, backend), min_time=0, min_reps=2, max_reps=3)
+        out["paper_image_1024x700_stride_30"] = {**t.to_dict(), "paper_v100_s": PAPER_V100_S}
+    return out
+
+
+def _with_threshold(
+    meta: BundleMeta, stride: int, image: npt.NDArray[np.uint8], backend: Any
+) -> BundleMeta:
+    """A threshold at the residual's 99.9th percentile: a sparse mask, like a good web."""
+    m = replace(meta, stride=stride)
+    res = reconstruct(image, m, backend, Settings(stride=128)).residual
+    return replace(m, threshold=float(np.quantile(res, 0.999)))
+
+
+def bench_overhead(bundle: Bundle, quick: bool, loaded: bool) -> dict[str, Any]:
+    """Per stage on a 4096x1024 frame at stride 30: model vs everything around it."""
+    frame = woven(FRAME_H, FRAME_W)
+    backend = production_backend(bundle)
+    meta = _with_threshold(bundle.meta, 30, frame, backend)
+    x = meta.input.to_model(frame)
+    h, w = x.shape
+    grid = TileGrid(PATCH, 30)
+    ys, xs = grid.positions(h), grid.positions(w)
+    reps = 1 if quick else 2
+    stages: dict[str, Timing] = {}
+    with one_core_loaded(loaded):
+        tiles = cut_tiles(x, ys, xs, PATCH)
+        stages["cut_tiles"] = timeit(lambda: cut_tiles(x, ys, xs, PATCH), 0, reps + 1, reps + 1)
+        recon_tiles = infer_tiles(backend, tiles, BATCH)
+        stages["model"] = timeit(lambda: infer_tiles(backend, tiles, BATCH), 0, reps, reps)
+        recon = stitch(recon_tiles, ys, xs, h, w)
+        stages["stitch"] = timeit(lambda: stitch(recon_tiles, ys, xs, h, w), 0, 3, 5)
+        residual = compute_residual(meta.residual, x, recon, meta.ssim)
+        stages["residual"] = timeit(
+            lambda: compute_residual(meta.residual, x, recon, meta.ssim), 0, 3, 5
+        )
+        assert meta.threshold is not None
+        thr = meta.threshold
+        stages["segment"] = timeit(
+            lambda: segment_residual(residual, thr, meta.input, FRAME_H, FRAME_W), 0, 3, 5
+        )
+    model = stages["model"].median
+    around = stages["stitch"].median + stages["residual"].median + stages["segment"].median
+    return {
+        "frame": f"{FRAME_W}x{FRAME_H}",
+        "stride": 30,
+        "tiles": len(tiles),
+        "precision": backend.precision,
+        "stages": {k: v.to_dict() for k, v in stages.items()},
+        "overhead_pct": 100.0 * around / model,
+        "overhead_with_cut_pct": 100.0 * (around + stages["cut_tiles"].median) / model,
+    }
+
+
+# --------------------------------------------------------------------------- daemon
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def bench_daemon(model: Path | None, quick: bool, loaded: bool) -> dict[str, Any] | str:
+    """Sustained lines/s and capture-to-event latency of the real daemon, fed by the simulator.
+
+    Runs ``linescan.demo.run_demo`` (daemon + simulator + subscriber on loopback) twice: as fast
+    as the daemon accepts (``overload = block``: lines/s), then paced at 70 % of that rate
+    (latency p50/p99 from the defect events). 'daemon: not available' when the daemon modules
+    or a streamable model with a threshold are missing.
+    """
+    try:
+        from linescan.config import Config
+        from linescan.demo import default_bundle_path, run_demo
+    except ImportError as exc:
+        return f"daemon: not available ({exc})"
+    try:
+        path = model if model is not None else default_bundle_path()
+        meta = load_bundle(path).meta
+    except Exception as exc:
+        return f"daemon: not available (no model: {exc})"
+    if not meta.input.streamable or meta.threshold is None:
+        return f"daemon: not available ({path} is not streamable or has no threshold)"
+    lines = 4096 if quick else 16384
+    out: dict[str, Any] = {"model": str(path), "scale": f"1/{meta.input.downscale}",
+                           "width": FRAME_W, "lines": lines}  # fmt: skip
+    for label, rate in (("sustained", 0.0), ("paced", None)):
+        if rate is None:
+            rate = 0.7 * float(out["sustained"]["lines_per_s"])
+        config = Config().with_overrides(
+            {
+                "model": {"bundle": Path(path).absolute()},
+                "frames": {"endpoint": f"tcp://127.0.0.1:{_free_port()}"},
+                "events": {"endpoint": f"tcp://127.0.0.1:{_free_port()}"},
+                "metrics": {"enabled": False},
+                "queues": {"overload": "block"},
+                "journal": {"enabled": False},
+            }
+        )
+        sink = open(os.devnull, "w")  # noqa: SIM115 - closed below
+        try:
+            with one_core_loaded(loaded):
+                res = run_demo(config, lines=lines, width=FRAME_W, frame_height=256,
+                               defects=8, line_rate_hz=rate, out=sink)  # fmt: skip
+        finally:
+            sink.close()
+        out[label] = {
+            "line_rate_hz": rate,
+            "lines_inspected": res.lines,
+            "seconds": res.seconds,
+            "lines_per_s": res.lines / max(res.seconds, 1e-9),
+            "latency_p50_ms": res.latency_ms(0.5),
+            "latency_p99_ms": res.latency_ms(0.99),
+            "defects_found": len(res.found()),
+            "defects_planted": len(res.planted),
+        }
+        log(f"  daemon {label}: {out[label]['lines_per_s']:.0f} lines/s")
+    return out
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+def default_accuracy_specs() -> list[str]:
+    """Trained bundles this checkout has: the study's grid model, else ours (README)."""
+    specs = []
+    study = sorted(
+        (ROOT / "runs" / "study").glob("**/bundle.json"), key=lambda p: p.stat().st_mtime
+    )
+    grid = next(
+        (p.parent for p in reversed(study) if "mvtec_grid" in p.read_text(errors="ignore")),
+        ROOT / "runs" / "perf_grid",
+    )
+    candidates = [
+        ("grid", grid, Path("/work/shared/datasets/mvtec_grid")),
+        ("grid", grid, ROOT.parent / "shared" / "datasets" / "mvtec_grid"),
+        ("woven", ROOT / "runs" / "perf_woven", ROOT / "runs" / "perf_woven_data"),
+        ("toy", ROOT / "runs" / "perf_toy", ROOT / "runs" / "perf_toy_data"),
+    ]
+    seen = set()
+    for name, model, data in candidates:
+        if name not in seen and (model / "bundle.json").is_file() and data.is_dir():
+            specs.append(f"{name}={model}@{data}")
+            seen.add(name)
+    return specs
+
+
+def bench_accuracy(specs: list[str]) -> dict[str, Any]:
+    """Pixel AUROC of each model in fp32 and bf16; the goal is |delta| <= 0.005."""
+    from linescan.evaluate import pixel_roc
+    from linescan.evaluation_run import residual_maps
+
+    out: dict[str, Any] = {}
+    for spec in specs:
+        name, rest = spec.split("=", 1)
+        model, data = rest.split("@", 1)
+        bundle = load_bundle(Path(model))
+        row: dict[str, Any] = {"model": model, "data": data}
+        for precision in ("fp32", "bf16"):
+            if precision == "bf16" and not cpu_has_native_bf16():
+                row[precision] = None
+                continue
+            backend = TorchBackend(bundle, precision=precision)
+            scores, masks = residual_maps(Path(data), bundle.meta, backend)
+            row[precision] = pixel_roc(scores, masks).auc
+        if row.get("bf16") is not None:
+            row["delta"] = row["bf16"] - row["fp32"]
+        out[name] = row
+        log(f"  accuracy {name}: {row}")
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def environment() -> dict[str, Any]:
+    flags = ""
+    with contextlib.suppress(OSError):
+        flags = Path("/proc/cpuinfo").read_text()
+    model = next((ln.split(":", 1)[1].strip() for ln in flags.splitlines()
+                  if ln.startswith("model name")), platform.processor())  # fmt: skip
+    words = set(flags.split())
+    return {
+        "cpu": model,
+        "cores_allowed": PLAN.cores_affinity,
+        "avx512_bf16": "avx512_bf16" in words,
+        "amx_bf16": "amx_bf16" in words,
+        "torch": torch.__version__,
+        "opencv": cv2.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "loadavg_at_start": os.getloadavg(),
+        "thread_plan": PLAN.to_dict(),
+    }
+
+
+def rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(what, as it is, one core loaded) for the table."""
+    base, load = results["base"], results.get("loaded", {})
+    out: list[tuple[str, str, str]] = []
+
+    def both(section: str, fn: Callable[[dict[str, Any]], str]) -> tuple[str, str]:
+        a = fn(base[section]) if section in base else "-"
+        b = fn(load[section]) if section in load else "-"
+        return a, b
+
+    def ms(d: dict[str, Any]) -> str:
+        return f"{d['median_s'] * 1e3:.1f} ms"
+
+    n = results.get("naive")
+    if n:
+        for key, label in (("ours_production", "our pipeline"), ("ours_fp32", "our pipeline fp32")):
+            o = n[key]
+            out.append((
+                f"naive per-patch reference vs {label} ({o['precision']}), {n['image']} "
+                f"stride {n['stride']}",
+                f"{n['naive_s']:.2f} s vs {o['median_s']:.3f} s = {o['speedup_vs_naive']:.1f}x "
+                f"(max residual diff {o['max_abs_residual_diff']:.1e})",
+                "-",
+            ))  # fmt: skip
+    s = base["ssim"]
+    out.append(("SSIM 4096x1024: scikit-image", *both("ssim", lambda d: ms(d["skimage"]))))
+    for key in [k for k in s if k.startswith("ours_")]:
+        out.append((
+            f"SSIM 4096x1024: ours, {key.split('_', 1)[1].replace('_', ' ')}",
+            *both("ssim", lambda d, k=key: f"{ms(d[k])} = {d[k]['speedup_vs_skimage']:.1f}x "
+                  f"(max diff {d[k]['max_abs_diff']:.1e})"),
+        ))  # fmt: skip
+    for peer in ("kornia", "pytorch_msssim"):
+        if isinstance(s.get(peer), dict):
+            out.append((f"SSIM 4096x1024: {peer}", *both(
+                "ssim", lambda d, p=peer: f"{ms(d[p])} = {d[p]['speedup_vs_skimage']:.1f}x"),
+            ))  # fmt: skip
+    for key, v in base["engines"].items():
+        if isinstance(v, dict):
+            out.append((f"model tiles/s, batch 64: {key}", *both(
+                "engines", lambda d, k=key: f"{d[k]['tiles_per_s']:.0f}" if k in d else "-"),
+            ))  # fmt: skip
+    off = base["offline"]
+    for key in [k for k in off if k.startswith("stride_")]:
+        out.append((
+            f"offline 4096x1024, {key.replace('_', ' ')} ({off['precision']})",
+            *both("offline", lambda d, k=key: f"{d[k]['mpx_per_s']:.2f} Mpx/s ({ms(d[k])})"),
+        ))  # fmt: skip
+    out.append((
+        "1024x700 image, stride 30 (paper: 3.61 s on a V100)",
+        *both("offline", lambda d: f"{d['paper_image_1024x700_stride_30']['median_s']:.3f} s"),
+    ))  # fmt: skip
+    out.append((
+        "stitch + residual + segmentation / model time (4096x1024, stride 30)",
+        *both("overhead", lambda d: f"{d['overhead_pct']:.1f} % "
+              f"(with tile cutting {d['overhead_with_cut_pct']:.1f} %)"),
+    ))  # fmt: skip
+    dm = results.get("daemon")
+    if isinstance(dm, dict):
+        for label in ("sustained", "paced"):
+            d = dm.get(label)
+            if d:
+                lat = ""
+                if d["latency_p50_ms"] is not None:
+                    lat = (f", latency p50 {d['latency_p50_ms']:.0f} ms "
+                           f"p99 {d['latency_p99_ms']:.0f} ms")  # fmt: skip
+                out.append((f"daemon {label}, 4096 wide, model {dm['scale']}",
+                            f"{d['lines_per_s']:.0f} lines/s{lat}", "-"))  # fmt: skip
+    else:
+        out.append(("daemon", str(dm), "-"))
+    for name, d in results.get("accuracy", {}).items():
+        if d.get("delta") is not None:
+            out.append((f"pixel AUROC {name}: fp32 vs bf16",
+                        f"{d['fp32']:.4f} vs {d['bf16']:.4f} (delta {d['delta']:+.4f})",
+                        "-"))  # fmt: skip
+    return out
+
+
+def print_table(table: list[tuple[str, str, str]], markdown: bool) -> None:
+    head = ("measurement", "as is", "one core loaded")
+    if markdown:
+        print("| " + " | ".join(head) + " |")
+        print("|---|---|---|")
+        for r in table:
+            print("| " + " | ".join(r) + " |")
+        return
+    w0 = max(len(r[0]) for r in [head, *table])
+    w1 = max(len(r[1]) for r in [head, *table])
+    for r in [head, *table]:
+        print(f"{r[0]:<{w0}}  {r[1]:<{w1}}  {r[2]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("bench.json"))
+    ap.add_argument("--quick", action="store_true", help="a ~30 s smoke run")
+    ap.add_argument("--no-loaded", action="store_true", help="skip the one-core-loaded pass")
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive reference")
+    ap.add_argument("--daemon-model", type=Path, default=None,
+                    help="a streamable bundle with a threshold "
+                         "(default: engines/default)")  # fmt: skip
+    ap.add_argument("--accuracy", action="append", default=None, metavar="NAME=MODEL@DATA",
+                    help="evaluate MODEL on DATA in fp32 and bf16 (default: trained bundles "
+                         "under runs/ when present; 'none' to skip)")  # fmt: skip
+    ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    a = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    results: dict[str, Any] = {"environment": environment(), "quick": a.quick}
+    log(f"thread plan: {PLAN.to_dict()}")
+    with tempfile.TemporaryDirectory(prefix="linescan-bench-") as tmp:
+        bundle = table1_bundle(Path(tmp) / "table1")
+        if not a.no_naive:
+            log("naive reference vs our pipeline...")
+            results["naive"] = bench_naive(bundle, a.quick)
+        passes = [("base", False)] + ([] if a.no_loaded else [("loaded", True)])
+        for key, loaded in passes:
+            log(f"pass: {'one core loaded' if loaded else 'as is'}")
+            r: dict[str, Any] = {}
+            log(" SSIM...")
+            r["ssim"] = bench_ssim(a.quick, loaded)
+            log(" engines...")
+            r["engines"] = bench_engines(bundle, a.quick, loaded)
+            log(" offline...")
+            r["offline"] = bench_offline(bundle, a.quick, loaded)
+            log(" overhead...")
+            r["overhead"] = bench_overhead(bundle, a.quick, loaded)
+            results[key] = r
+    log("daemon...")
+    # The daemon's own layout: post-processing runs beside inference (pipelined plan).
+    results["daemon_thread_plan"] = configure_threads(pipelined=True).to_dict()
+    results["daemon"] = bench_daemon(a.daemon_model, a.quick, loaded=False)
+    configure_threads(pipelined=False)
+    if isinstance(results["daemon"], str):
+        print(results["daemon"])
+    specs = a.accuracy if a.accuracy is not None else default_accuracy_specs()
+    specs = [s for s in specs if s != "none"]
+    if specs:
+        log("accuracy (fp32 vs bf16)...")
+        results["accuracy"] = bench_accuracy(specs)
+    results["seconds"] = time.perf_counter() - t_start
+    a.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print_table(rows(results), a.markdown)
+    print(f"\n{results['seconds']:.0f} s; wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
