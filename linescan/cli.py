@@ -255,6 +255,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         config.engine.precision,
         config.engine.threads,
         batch=config.inspection.max_batch,
+        device=config.engine.device,
     )
     daemon = Daemon(config, bundle.meta, backend)
     stop = threading.Event()

@@ -86,6 +86,7 @@ def run_demo(
         config.engine.precision,
         config.engine.threads,
         batch=config.inspection.max_batch,
+        device=config.engine.device,
     )
     events: list[dict[str, Any]] = []
     done = threading.Event()  # the subscriber has stopped

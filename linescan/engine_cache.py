@@ -9,7 +9,7 @@ different kernels at worst. So every engine is filed under a key over all of tho
 
     ENGINES/<bundle-name>-<key[:16]>.plan        the serialised engine
     ENGINES/<bundle-name>-<key[:16]>.plan.json   sidecar: the key's parts, the plan's sha256
-    ENGINES/timing-<gpu>-sm<cc>-trt<version>.cache  TensorRT's timing cache (speeds up rebuilds)
+    ENGINES/timing-<gpu>-sm<cc>-trt<version>.timing  TensorRT's timing cache (speeds up rebuilds)
 
 :func:`lookup` returns a plan only when its sidecar names exactly the current parts and the
 plan's checksum matches: a stale engine (re-exported model, upgraded TensorRT), one copied from
@@ -100,7 +100,7 @@ def sidecar_path(plan: Path) -> Path:
 def timing_cache_path(engines_dir: Path, key: EngineKey) -> Path:
     """One timing cache per GPU model and TensorRT version, shared by every model's builds."""
     cc = key.compute_capability.replace(".", "")
-    name = f"timing-{_slug(key.gpu_name)}-sm{cc}-trt{_slug(key.tensorrt_version)}.cache"
+    name = f"timing-{_slug(key.gpu_name)}-sm{cc}-trt{_slug(key.tensorrt_version)}.timing"
     return engines_dir / name
 
 

@@ -75,6 +75,8 @@ Context = zmq.Context[zmq.Socket[bytes]]
 SocketSetup = Callable[[zmq.Socket[bytes]], None]
 
 _Z85_KEY_RE: Final = re.compile(rb"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
+_Z85_RUN_RE: Final = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40,}")
+_Z85_RARE: Final = frozenset(":+=^!*?&<>()[]{}@%$#")
 _CERT_LINE_RE: Final = re.compile(rb"^\s*(public-key|secret-key)\s*=\s*(.*?)\s*$")
 _MAX_KEY_FILE_BYTES: Final = 64 * 1024
 
@@ -93,14 +95,22 @@ class CurveKeys:
 
 
 def looks_like_key(text: str) -> bool:
-    """True for a 40-character Z85 string: a key pasted where a file name belongs."""
-    return bool(_Z85_KEY_RE.match(text.encode("utf-8", "replace")))
+    """True when ``text`` holds what looks like a Z85 key: 40 characters of the Z85 alphabet
+    with at least one of its punctuation characters that file names rarely use (a random
+    key has one with probability 1 - 2e-5). A key pasted where a file name belongs must not
+    be printed back in an error."""
+    for m in _Z85_RUN_RE.finditer(text):
+        run = m.group(0)
+        for i in range(len(run) - 39):
+            if _Z85_RARE & set(run[i : i + 40]):
+                return True
+    return False
 
 
 def _read_key_file(path: Path, what: str) -> dict[str, bytes]:
     """``{"public": ..., "secret": ...}`` from a certificate or bare-key file; errors say why
     without quoting the file."""
-    if not path.exists() and looks_like_key(str(path.name)):
+    if not path.exists() and looks_like_key(str(path)):
         raise ConfigError(
             f"{what}: the configured file name looks like a key itself; write the key into a "
             "file (`linescan keygen`) and configure the file's path"

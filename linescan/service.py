@@ -50,7 +50,7 @@ from linescan.replay import ReplayServer
 from linescan.security import AuthMonitor, CurveSetup, curve_from_config
 from linescan.segment import Region
 from linescan.tiling import TileGrid
-from linescan.tracker import Tracker
+from linescan.tracker import ResidualFn, Tracker
 
 F32 = npt.NDArray[np.float32]
 _STOP = object()  # sentinel passed down the queues at shutdown
@@ -157,6 +157,7 @@ class Daemon:
         self._throttled = RateLimitedLogger(log, interval_s=10.0)
         self._on_event = on_event
         self._frames_seen: dict[str, deque[FrameInfo]] = {}  # post thread only
+        self._residual_cache: tuple[ResidualFn | None] | None = None  # post thread only
         self._heartbeat = time.monotonic()
         self.publisher: EventPublisher | None = None
         self.frames_endpoint = config.frames.endpoint
@@ -644,6 +645,7 @@ class Daemon:
                 self.threshold,
                 self.meta.vae_sigma,
                 line0=job.line0,
+                residual_fn=self._residual_fn(),
             )
             trackers[cam] = tr
         if res.error is not None and job.segment not in broken:
@@ -680,6 +682,32 @@ class Daemon:
                 self._publish_defect(cam, job.segment, r)
         if job.end:
             trackers.pop(cam, None)
+
+    def _residual_fn(self) -> ResidualFn | None:
+        """The fused CUDA SSIM kernel when the engine runs on a GPU; None: the CPU residual.
+
+        Made on first use in the post thread (a CudaResidual is not thread-safe) and kept.
+        """
+        if self._residual_cache is not None:
+            return self._residual_cache[0]
+        fn: ResidualFn | None = None
+        device = self.config.engine.device
+        if device.startswith("cuda") and self.meta.residual == "ssim":
+            try:
+                from linescan.backends.cuda_residual import CudaResidual
+
+                index = int(device.split(":")[1]) if ":" in device else 0
+                cuda = CudaResidual(self.meta.ssim, device=index)
+
+                def gpu(x: F32, rec: F32) -> F32:
+                    return cuda.residual(x, rec[0])
+
+                fn = gpu
+                log.info("residual on the GPU", kernel="ssim_residual.cu", device=device)
+            except (ImportError, EngineError) as exc:
+                log.warning("CUDA residual unavailable, using the CPU", error=str(exc))
+        self._residual_cache = (fn,)
+        return fn
 
     def _count_frame(self, fi: FrameInfo, inspected: bool, why: str = "") -> None:
         with self._lock:

@@ -234,12 +234,20 @@ def test_bad_key_files_are_refused_without_echo(tmp_path: Path, content: str, me
     assert SECRET[:-1] not in str(info.value)
 
 
-def test_a_key_pasted_as_a_file_name_is_not_echoed(tmp_path: Path) -> None:
-    """A secret pasted where a key file's path belongs is called out, not printed."""
-    assert looks_like_key(SECRET)
+@pytest.mark.parametrize("secret", [SECRET, "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"])
+def test_a_key_pasted_as_a_file_name_is_not_echoed(tmp_path: Path, secret: str) -> None:
+    """A secret pasted where a key file's path belongs (even one with a / in it) is called
+    out, not printed; ordinary long paths are not mistaken for keys."""
+    assert looks_like_key(secret)
     with pytest.raises(ConfigError, match="looks like a key") as info:
-        load_secret_key(tmp_path / SECRET)
-    assert SECRET not in str(info.value)
+        load_secret_key(tmp_path / secret)
+    assert secret not in str(info.value)
+    assert secret.split("/")[-1] not in str(info.value)
+    plain = "/run/credentials/linescan.service/frames-server.key_secret/more/and/more"
+    assert not looks_like_key(plain)
+    with pytest.raises(ConfigError, match="cannot read") as info:
+        load_secret_key(Path(plain))
+    assert plain in str(info.value)
 
 
 def test_a_missing_or_bad_authorized_dir(tmp_path: Path) -> None:

@@ -570,7 +570,7 @@ def test_overload_drops_whole_frames_and_reports_every_hole(detector: Path) -> N
     """drop-newest with a one-frame ingest queue and a stalled engine: a burst of frames is
     dropped and counted, every dropped line range is named in a status message, the segment
     restarts after the hole, and received == inspected + dropped exactly."""
-    burst, more, h, width = 20, 3, 40, 128
+    burst, more, h, width = 30, 3, 40, 128
     web = woven(width, (burst + more) * h, [])
     config = make_config(
         queues={"overload": "drop-newest", "ingest": 1, "inference": 1},
@@ -595,7 +595,9 @@ def test_overload_drops_whole_frames_and_reports_every_hole(detector: Path) -> N
         final = run.stop()
     sub = run.sub
     dropped = final["frames_dropped"]
-    assert dropped >= burst // 2, "the stalled daemon should have dropped most of the burst"
+    # the stalled daemon holds at most ~11 frames (1 in the engine, <= 8 in the job queue, 1 in
+    # the tiler, 1 in the ingest queue): the rest of the burst is dropped
+    assert dropped >= burst - 12, "the stalled daemon should have dropped most of the burst"
     assert final["frames_received"] == burst + more
     assert final["frames_received"] == final["frames_inspected"] + dropped
     assert final["lines_received"] == final["lines_inspected"] + final["lines_dropped"]
@@ -605,8 +607,7 @@ def test_overload_drops_whole_frames_and_reports_every_hole(detector: Path) -> N
     assert len(holes) == dropped
     dropped_seqs = {r["seq"] for r in holes}
     assert len(dropped_seqs) == dropped
-    assert burst - 1 in dropped_seqs
-    assert dropped_seqs <= set(range(1, burst))
+    assert dropped_seqs <= set(range(1, burst))  # the first frame and those sent later got in
     for r in holes:
         assert (r["line_start"], r["line_end"]) == (r["seq"] * h, r["seq"] * h + h), r
     # each run of accepted frames is one segment: the web restarts after every hole
@@ -614,7 +615,7 @@ def test_overload_drops_whole_frames_and_reports_every_hole(detector: Path) -> N
     starts = [seq for seq in accepted if seq > accepted[0] and seq - 1 in dropped_seqs]
     restarts = [b for b in sub.merged("breaks") if b["why"] == "dropped"]
     assert [b["line"] for b in restarts] == [seq * h for seq in starts]
-    assert burst in starts
+    assert starts  # a frame after the burst was inspected, so at least one restart
     assert final["segments"] == 1 + len(starts)
     assert final["lines_inspected"] == len(accepted) * h
 

@@ -40,7 +40,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -498,24 +498,91 @@ def evaluate_command(run: Run, bundle: Path, residual: str) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
-def run_model(run: Run, opts: Options) -> dict[str, Any]:
+LOCK = "lock"
+FRESH_LOG_S = 120.0  # a train.log written this recently means some process is training
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def busy_elsewhere(run_dir: Path) -> bool:
+    """Whether another live process works on this run (several processes may share --work)."""
+    try:
+        pid = int((run_dir / LOCK).read_text())
+    except (OSError, ValueError):
+        pid = None
+    if pid == os.getpid():
+        return False
+    if pid is not None and _pid_alive(pid):
+        return True
+    log = run_dir / "train.log"
+    return log.is_file() and time.time() - log.stat().st_mtime < FRESH_LOG_S
+
+
+def claim(run_dir: Path) -> bool:
+    """Take the run for this process (a lock file with its pid); False when it is taken."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if busy_elsewhere(run_dir):
+        return False
+    lock = run_dir / LOCK
+    lock.unlink(missing_ok=True)  # stale: its process is gone
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:  # another process claimed it just now
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
+def release(run_dir: Path) -> None:
+    try:
+        if int((run_dir / LOCK).read_text()) == os.getpid():
+            (run_dir / LOCK).unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def run_model(run: Run, opts: Options) -> dict[str, Any] | None:
+    """Train and score one run; None when another process is working on it right now."""
     ds = run.dataset
     run_dir = opts.work / ds.name / run.key
-    out = run_dir / "result.json"
-    bundle = run_dir / "bundle"
-    config = run.config()
-    old = read_json(out)
+    old = read_json(run_dir / "result.json")
     if (
         opts.resume
         and old
-        and old.get("config") == config
+        and old.get("config") == run.config()
         and set(run.residuals) <= set(old["evals"])
     ):
         say(f"{ds.name}/{run.key}: done earlier, skipped")
         return old
+    if not claim(run_dir):
+        say(f"{ds.name}/{run.key}: another process is on it, later")
+        return None
+    try:
+        return _run_model(run, opts, run_dir)
+    finally:
+        release(run_dir)
+
+
+def _run_model(run: Run, opts: Options, run_dir: Path) -> dict[str, Any]:
+    ds = run.dataset
+    out = run_dir / "result.json"
+    bundle = run_dir / "bundle"
+    config = run.config()
+    old = read_json(out)
     started = read_json(run_dir / "config.json")
     if started != config or not opts.resume:  # different run or fresh: start over
-        shutil.rmtree(run_dir, ignore_errors=True)
+        for p in run_dir.iterdir():
+            if p.name != LOCK:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
         write_json(run_dir / "config.json", config)
     cmd = train_command(run, bundle)
     train_doc = read_json(run_dir / "train.json")
@@ -1365,6 +1432,7 @@ def study(opts: Options) -> None:
         if ds.toy:
             ensure_toy(ds, opts.quick)
     # 1. The main table, dataset by dataset (never cut for time).
+    pending: list[Run] = []
     for ds in opts.datasets if opts.main else ():
         say(
             f"== {ds.name}: scale {scale_text(ds.scale)}, patch {ds.patch}, "
@@ -1372,8 +1440,10 @@ def study(opts: Options) -> None:
         )
         run_yardstick(ds, opts)
         for run in main_runs(ds, opts):
-            run_model(run, opts)
+            if run_model(run, opts) is None:
+                pending.append(run)
             checkpoint_session()
+    wait_for(pending, opts, checkpoint_session)
     # 2. The CLI end to end on every dataset with L2 and SSIM models.
     if opts.cli_checks and opts.main:
         for ds in opts.datasets:
@@ -1397,12 +1467,22 @@ def study(opts: Options) -> None:
                 )
                 sweep_docs.append({"key": run.key, "skipped": "over the time budget"})
                 continue
-            run_model(run, opts)
+            if run_model(run, opts) is None:
+                pending.append(run)
             checkpoint_session()
+        wait_for(pending, opts, checkpoint_session)
     checkpoint_session()
     render(opts, sweep_docs)
     checkpoint_session()
     say(f"study done in {(time.monotonic() - opts.t0) / 60:.1f} min")
+
+
+def wait_for(pending: list[Run], opts: Options, tick: Callable[[], None]) -> None:
+    """Runs another process was working on: wait for them, or take them over if it died."""
+    while pending:
+        time.sleep(2.0 if opts.quick else 30.0)
+        pending[:] = [run for run in pending if run_model(run, opts) is None]
+        tick()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

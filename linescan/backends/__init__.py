@@ -93,6 +93,7 @@ def create_backend(
     precision: str = "auto",
     threads: int | None = None,
     batch: int | None = 64,
+    device: str = "cpu",
 ) -> Backend:
     """The backend ``name`` for a loaded bundle; optional libraries are imported here only.
 
@@ -100,11 +101,13 @@ def create_backend(
     exactly that many tiles (see ``FixedBatch``); pass the same value to the offline pipeline's
     ``Settings.max_batch`` and the daemon's ``max_batch``.
     """
-    inner = _create(bundle, name, precision, threads)
+    inner = _create(bundle, name, precision, threads, batch or 64, device)
     return FixedBatch(inner, batch) if batch else inner
 
 
-def _create(bundle: object, name: str, precision: str, threads: int | None) -> Backend:
+def _create(
+    bundle: object, name: str, precision: str, threads: int | None, batch: int, device: str
+) -> Backend:
     from linescan.errors import EngineError
     from linescan.model.bundle import Bundle
 
@@ -122,11 +125,19 @@ def _create(bundle: object, name: str, precision: str, threads: int | None) -> B
     if name == "tensorrt":
         from linescan.backends.tensorrt import TensorRTBackend
 
-        trt: Backend = TensorRTBackend(bundle, precision=precision)
+        index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+        trt: Backend = TensorRTBackend(
+            bundle, precision=precision, device=index, max_batch=batch, opt_batch=batch
+        )
         return trt
     if name == "torch-cuda":
         from linescan.backends.torch_cuda import TorchCudaBackend
 
-        cuda: Backend = TorchCudaBackend(bundle, precision=precision)
+        cuda: Backend = TorchCudaBackend(
+            bundle,
+            precision=precision,
+            device=device if device.startswith("cuda") else "cuda",
+            max_batch=batch,
+        )
         return cuda
     raise EngineError(f"unknown backend {name!r}; expected one of {BACKENDS}")

@@ -98,12 +98,6 @@ class TorchCudaBackend:
             # A copy: .to() moves a module in place, and the bundle's CPU module may be in use.
             module = copy.deepcopy(inference_module(bundle)).eval()
             self._module = module.to(self.device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-            # Fixed shapes per bucket: let cuDNN time its algorithms once (before capture).
-            # TF32 convolutions (torch's default) would make "fp32" a 10-bit-mantissa mode;
-            # fp32 means fp32, fp16/bf16 are the explicit fast paths. Both are process-wide:
-            # the daemon runs one backend.
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cudnn.allow_tf32 = self.precision != "fp32"
             p = self._patch
             self._host_in = torch.empty((max_batch, 1, p, p), dtype=torch.float32).pin_memory()
             self._host_out = torch.empty(
@@ -114,12 +108,21 @@ class TorchCudaBackend:
         self._graphs: dict[int, _Graph] = {}
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(
-            "cuda",
-            dtype=self._autocast or torch.float16,
-            enabled=self._autocast is not None,
-            cache_enabled=False,  # required for graph capture; weights are cast in the graph
-        ):
+        # cuDNN settings scoped to this backend's kernels (a graph keeps the kernels chosen at
+        # capture): benchmark, because every bucket has one fixed shape; no TF32 for fp32,
+        # whose 10-bit mantissa would make "fp32" a reduced-precision mode.
+        with (
+            torch.backends.cudnn.flags(
+                enabled=True, benchmark=True, deterministic=False,
+                allow_tf32=self.precision != "fp32",
+            ),
+            torch.autocast(
+                "cuda",
+                dtype=self._autocast or torch.float16,
+                enabled=self._autocast is not None,
+                cache_enabled=False,  # required for graph capture; weights are cast in the graph
+            ),
+        ):  # fmt: skip
             y: torch.Tensor = self._module(x)
         return y.float()
 
@@ -151,8 +154,10 @@ class TorchCudaBackend:
             raise EngineError(f"torch-cuda backend: expected (B, 1, {p}, {p}) tiles, got {x.shape}")
         outs = []
         try:
-            for i in range(0, x.shape[0], self.max_batch):
-                outs.append(self._run(x[i : i + self.max_batch]))
+            # The daemon calls from its inference thread, whose current device is GPU 0.
+            with torch.cuda.device(self.device):
+                for i in range(0, x.shape[0], self.max_batch):
+                    outs.append(self._run(x[i : i + self.max_batch]))
         except RuntimeError as exc:
             raise EngineError(f"torch-cuda inference failed: {exc}") from exc
         out: F32 = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
