@@ -226,7 +226,7 @@ class QueuesConfig(_Section):
       dropped inside the daemon. For replaying recordings, not for a live line.
     """
 
-    ingest: Annotated[int, Field(ge=1, le=100_000)] = 8
+    ingest: Annotated[int, Field(ge=1, le=100_000)] = 32
     inference: Annotated[int, Field(ge=1, le=100_000)] = 4
     publish: Annotated[int, Field(ge=1, le=10_000_000)] = 1024
     overload: Literal["drop-newest", "drop-oldest", "block"] = "drop-newest"

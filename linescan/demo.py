@@ -88,6 +88,10 @@ def run_demo(
         batch=config.inspection.max_batch,
         device=config.engine.device,
     )
+    if line_rate_hz <= 0 and config.queues.overload != "block":
+        # "as fast as the daemon takes them": let ZeroMQ push back on the sender instead of
+        # dropping frames (the daemon's default policy for a live line)
+        config = config.with_overrides({"queues": {"overload": "block"}})
     events: list[dict[str, Any]] = []
     done = threading.Event()  # the subscriber has stopped
     sent = threading.Event()  # every frame sent was inspected or dropped

@@ -84,6 +84,7 @@ def configure_logging(
     json_lines = use_json(format, out, environ)
 
     shared: list[structlog.typing.Processor] = [
+        _name_field,
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -130,8 +131,21 @@ def _colors_ok(stream: TextIO, environ: Mapping[str, str]) -> bool:
 
 
 def get_logger(name: str = "linescan", **initial: Any) -> Any:
-    """A structlog logger bound to ``logger=name`` and any ``initial`` fields."""
-    return structlog.get_logger(name).bind(logger=name, **initial)
+    """A structlog logger carrying ``logger=name`` and any ``initial`` fields.
+
+    It stays lazy: modules create their loggers at import, before ``configure_logging`` runs,
+    and each record still takes the format and level configured when it is logged. (Binding
+    here, with ``.bind()``, would freeze the default console format into those loggers.)
+    ``logger`` is a parameter name of structlog's own, so the name travels as ``logger_name``
+    and ``_name_field`` renames it.
+    """
+    return structlog.get_logger(name, logger_name=name, **initial)
+
+
+def _name_field(_logger: Any, _method: str, event: Any) -> Any:
+    if "logger_name" in event:
+        event["logger"] = event.pop("logger_name")
+    return event
 
 
 class RateLimitedLogger:

@@ -50,7 +50,7 @@ __all__ = [
 STAGES: Final = ("ingest", "band", "infer", "stitch", "residual", "segment", "publish")
 QUEUES: Final = ("ingest", "inference", "publish")
 EVENT_TOPICS: Final = ("defect", "status")
-DROP_REASONS: Final = ("overload", "shutdown", "engine")
+DROP_REASONS: Final = ("overload", "shutdown", "engine", "short")
 # Why a CurveZMQ handshake was refused (security.py): key not authorised, wrong protocol or
 # server key, anything else.
 AUTH_FAILURE_REASONS: Final = ("key", "protocol", "other")

@@ -18,6 +18,11 @@ totals so a subscriber can tell "no defects" from "no data".
 
 Shutdown (SIGTERM/SIGINT): the receiver stops taking frames, every segment is ended, the queues
 drain, the remaining events and a final status are published, and ``run`` returns.
+
+With ``[journal]`` configured, every defect event is written to the durable journal
+(``journal.py``) just before it is sent, ``seq`` continues from the journal after a restart, and
+a fifth thread answers replay requests (``replay.py``). With CurveZMQ keys configured the frame
+socket admits authorised cameras only and counts refused handshakes (``security.py``).
 """
 
 from __future__ import annotations
@@ -157,6 +162,7 @@ class Daemon:
         self._throttled = RateLimitedLogger(log, interval_s=10.0)
         self._on_event = on_event
         self._frames_seen: dict[str, deque[FrameInfo]] = {}  # post thread only
+        self._uncounted: dict[str, list[FrameInfo]] = {}  # post thread only
         self._residual_cache: tuple[ResidualFn | None] | None = None  # post thread only
         self._heartbeat = time.monotonic()
         self.publisher: EventPublisher | None = None
@@ -654,7 +660,7 @@ class Daemon:
         if job.segment in broken:
             # the segment's later jobs ran fine (res.error is None): name the failure that broke it
             why = f"engine error: {broken[job.segment]}"
-            for fi in frames:
+            for fi in [*self._uncounted.pop(cam, []), *frames]:
                 self._count_frame(fi, inspected=False, why=why)
             if job.end:
                 trackers.pop(cam, None)
@@ -664,19 +670,19 @@ class Daemon:
         regions = tr.consume(job, res.recon)
         self.metrics.stage_seconds.labels("stitch").observe(time.perf_counter() - t0)
         self._frames_seen.setdefault(cam, deque(maxlen=4096)).extend(frames)
-        for fi in frames:
-            self._count_frame(fi, inspected=True)
-        if job.end and tr.too_short:
-            self._note_not_inspected(
-                cam,
-                tr.line0,
-                tr.line0 + tr.raw_lines,
-                f"segment of {tr.raw_lines} lines is shorter than one tile",
-            )
-            with self._lock:
-                self.totals.lines_inspected -= tr.raw_lines
-                self.totals.lines_dropped += tr.raw_lines
-            self.metrics.lines_dropped_total.inc(tr.raw_lines)
+        # A frame counts as inspected once its segment has held a whole tile row (before that
+        # it is not yet known whether the segment will be long enough to inspect at all).
+        waiting = self._uncounted.setdefault(cam, [])
+        waiting.extend(frames)
+        if tr.tiles_stitched > 0:
+            for fi in waiting:
+                self._count_frame(fi, inspected=True)
+            waiting.clear()
+        elif job.end:
+            why = f"segment of {tr.raw_lines} lines is shorter than one tile"
+            for fi in waiting:
+                self._count_frame(fi, inspected=False, why=why, reason="short")
+            waiting.clear()
         for r in regions:
             if r.area_px >= self.config.inspection.min_area_px:
                 self._publish_defect(cam, job.segment, r)
@@ -709,7 +715,9 @@ class Daemon:
         self._residual_cache = (fn,)
         return fn
 
-    def _count_frame(self, fi: FrameInfo, inspected: bool, why: str = "") -> None:
+    def _count_frame(
+        self, fi: FrameInfo, inspected: bool, why: str = "", reason: str = "engine"
+    ) -> None:
         with self._lock:
             if inspected:
                 self.totals.frames_inspected += 1
@@ -720,7 +728,7 @@ class Daemon:
         if inspected:
             self.metrics.lines_inspected_total.inc(fi.lines)
         else:
-            self.metrics.frames_dropped_total.labels("engine").inc()
+            self.metrics.frames_dropped_total.labels(reason).inc()
             self.metrics.lines_dropped_total.inc(fi.lines)
             self._note_not_inspected(fi.camera, fi.line_start, fi.line_start + fi.lines, why)
 

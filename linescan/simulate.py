@@ -40,14 +40,26 @@ def synthetic_source(
     min_size: int = 10,
     max_size: int = 40,
     margin: int = 200,
+    thread_width: tuple[int, int] = (8, 12),
 ) -> WebSource:
-    """A woven web with ``defects`` planted at random, well separated positions."""
+    """A woven web with ``defects`` planted at random, well separated positions.
+
+    Broken threads are ``thread_width`` px wide: about one thread of the weave (the default
+    model works at 1/2 scale, where its opening erases anything under ~8 camera pixels).
+    """
     web = WovenWeb(width, seed)
     rng = np.random.default_rng(seed + 1)
     planted: list[Defect] = []
     if defects:
         planted = random_defects(
-            rng, width, margin, max(margin + 1, total_lines - margin), defects, min_size, max_size
+            rng,
+            width,
+            margin,
+            max(margin + 1, total_lines - margin),
+            defects,
+            min_size,
+            max_size,
+            thread_width=thread_width,
         )
 
     def render(start: int, count: int) -> npt.NDArray[np.generic]:

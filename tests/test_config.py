@@ -68,7 +68,7 @@ def test_none_gives_defaults() -> None:
     assert config.engine.precision == "auto"
     assert config.engine.threads is None
     assert config.engine.device == "cpu"
-    assert (config.queues.ingest, config.queues.inference, config.queues.publish) == (8, 4, 1024)
+    assert (config.queues.ingest, config.queues.inference, config.queues.publish) == (32, 4, 1024)
     assert config.queues.overload == "drop-newest"
     assert (config.log.format, config.log.level) == ("auto", "info")
     assert config.model.bundle is None

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import zmq
 
+from linescan.errors import LinescanError
 from linescan.simulate import WebSource, image_source, send_web, synthetic_source
 
 
@@ -74,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         source = make_source(a)
-    except (OSError, ValueError) as exc:
+    except (LinescanError, OSError, ValueError) as exc:
         print(f"camsim: {exc}", file=sys.stderr)
         return 2
     for d in source.defects:

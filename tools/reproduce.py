@@ -818,7 +818,7 @@ def figure3(toy: Dataset, opts: Options, path: Path) -> dict[str, Any] | None:
     scene = toy_test_scene(128, seed=12345)  # the paper's 128x128 test image
     panels_rows = []
     stats: dict[str, Any] = {}
-    cell = 192
+    cell = 128
     titles = [
         "input",
         "defect mask",
@@ -916,13 +916,13 @@ def figure6(ds: Dataset, results: dict[str, Any], path: Path) -> list[Path]:
     return written
 
 
-_BGR = ((40, 40, 214), (180, 119, 31), (44, 160, 44), (14, 127, 255), (189, 103, 148))
+_SERIES_BGR = {"SSIM AE": (40, 40, 214), "L2 AE": (180, 119, 31), "blur / L2": (44, 160, 44)}
 
 
 def figure7(per_ds: list[tuple[Dataset, dict[str, Any]]], path: Path) -> None:
     """Per-region overlap quantiles vs pixel FPR (the paper's Figure 7), one panel a dataset."""
-    W, H = 420, 330
-    left, right, top, bottom = 50, 12, 34, 46
+    W, H = 420, 350
+    left, right, top, bottom = 50, 12, 54, 46
     panels = []
     fmax = max(OVERLAP_FPRS)
     for ds, results in per_ds:
@@ -948,16 +948,17 @@ def figure7(per_ds: list[tuple[Dataset, dict[str, Any]]], path: Path) -> None:
                 series.append((f"{VARIANT_LABEL[v]} AE", doc["evals"][default_residual(v)]))  # type: ignore[arg-type]
         if results.get("yardstick"):
             series.append(("blur / L2", results["yardstick"]["evals"]["l2"]))
-        for i, (name, ev) in enumerate(series):
-            colour = _BGR[i % len(_BGR)]
+        for name, ev in series:
+            colour = _SERIES_BGR[name]
             by = ev["overlap_by_fpr"]
             fs = [float(k) for k in by]
             for q, width in (("q25", 1), ("q50", 2), ("q75", 1)):
                 pts = np.array([px(f, by[k][q]) for f, k in zip(fs, by, strict=True)], np.int32)
                 cv2.polylines(img, [pts.reshape(-1, 1, 2)], False, colour, width, cv2.LINE_AA)
-            ly = y1 + 14 + 16 * i
-            cv2.line(img, (x1 - 120, ly - 4), (x1 - 100, ly - 4), colour, 2)
-            _label(img, name, (x1 - 96, ly), 0.4)
+        for i, name in enumerate(_SERIES_BGR):  # one legend for every panel: same colours
+            lx = x0 + 125 * i
+            cv2.line(img, (lx, 38), (lx + 20, 38), _SERIES_BGR[name], 2)
+            _label(img, name, (lx + 24, 42), 0.4)
         _label(img, f"{ds.name}: region overlap q25/q50/q75", (x0, 22), 0.5)
         _label(img, "pixel FPR", ((x0 + x1) // 2 - 30, H - 10), 0.45)
         panels.append(img)

@@ -456,10 +456,13 @@ def random_defects(
     min_size: int = 6,
     max_size: int = 40,
     kinds: Sequence[str] = DEFECT_KINDS,
+    thread_width: tuple[int, int] = (2, 4),
 ) -> list[Defect]:
     """``count`` random defects in lines [line_start, line_end), sorted along the web.
 
-    Boxes are ``min_size``..``max_size`` px (a broken thread is 2..4 px thin), lie inside the
+    Boxes are ``min_size``..``max_size`` px (a broken thread is ``thread_width`` px thin, 2..4
+    by default: note that a model working at 1/n scale with the paper's diameter-4 opening
+    cannot see threads thinner than about 4n px), lie inside the
     web's width, and are at least ``2 * max_size`` lines apart (gap between boxes), so each
     defect is its own region whatever the tiling. Raises ``ValueError`` if they do not fit.
     """
@@ -479,7 +482,7 @@ def random_defects(
         kind = kinds[int(rng.integers(len(kinds)))]
         if kind == "broken_thread":
             length = int(rng.integers(min_size, max_size + 1))
-            thin = int(rng.integers(2, 5))
+            thin = int(rng.integers(thread_width[0], thread_width[1] + 1))
             h, w = (length, thin) if rng.random() < 0.5 else (thin, length)
         elif kind == "knot":
             hi = max(min_size, min_size + (max_size - min_size) // 3)
