@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from linescan import __version__
 from linescan.errors import LinescanError
@@ -379,14 +379,7 @@ def cmd_events(a: argparse.Namespace) -> int:
     record = a.record.open("a", encoding="utf-8") if a.record else None
     topics = tuple(a.topic) if a.topic else ("defect", "status")
 
-    def on_event(topic: str, body: dict[str, object]) -> bool:
-        line = json.dumps({"topic": topic, **body}, separators=(",", ":"))
-        if not a.quiet:
-            print(line, flush=True)
-        if record is not None:
-            record.write(line + "\n")
-            record.flush()
-        return False
+    on_event = _event_printer(a.quiet, record)
 
     try:
         tracker = listen(a.endpoint, on_event, topics, timeout_s=a.timeout)
@@ -395,6 +388,21 @@ def cmd_events(a: argparse.Namespace) -> int:
             record.close()
     print(f"lost defect events: {tracker.lost_defects} {tracker.gaps}", file=sys.stderr)
     return 1 if tracker.lost_defects else 0
+
+
+def _event_printer(quiet: bool, record: TextIO | None) -> Callable[[str, dict[str, object]], bool]:
+    """Print each event as a JSON line (unless quiet) and append it to ``record``."""
+
+    def on_event(topic: str, body: dict[str, object]) -> bool:
+        line = json.dumps({"topic": topic, **body}, separators=(",", ":"))
+        if not quiet:
+            print(line, flush=True)
+        if record is not None:
+            record.write(line + "\n")
+            record.flush()
+        return False
+
+    return on_event
 
 
 def _events_replay(a: argparse.Namespace) -> int:
@@ -409,14 +417,7 @@ def _events_replay(a: argparse.Namespace) -> int:
     if a.server_key is not None:
         configure = client_setup(load_public_key(a.server_key, "--server-key"))
 
-    def on_event(topic: str, body: dict[str, object]) -> bool:
-        line = json.dumps({"topic": topic, **body}, separators=(",", ":"))
-        if not a.quiet:
-            print(line, flush=True)
-        if record is not None:
-            record.write(line + "\n")
-            record.flush()
-        return False
+    on_event = _event_printer(a.quiet, record)
 
     try:
         since = a.since if a.since is not None else 0

@@ -23,12 +23,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from linescan.errors import EngineError
+from linescan.model.bundle import atomic_write_bytes
 
 SCHEMA = 1
 """Bump when the key's meaning changes, so engines filed under the old meaning are not reused."""
@@ -147,16 +147,7 @@ def lookup(engines_dir: Path, bundle_name: str, key: EngineKey) -> Path | None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data)
 
 
 def store(

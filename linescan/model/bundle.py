@@ -126,7 +126,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file so that readers see the old or the new content, never half of it."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -141,7 +142,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def write_meta(path: Path, meta: BundleMeta) -> None:
     text = json.dumps(meta.to_json(), indent=2, sort_keys=False) + "\n"
-    _atomic_write_bytes(path / META_FILE, text.encode())
+    atomic_write_bytes(path / META_FILE, text.encode())
 
 
 def save_bundle(path: Path, module: nn.Module, meta: BundleMeta) -> BundleMeta:
