@@ -603,8 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
             d.add_argument(
                 "--line-rate",
                 type=float,
-                default=3000.0,
-                help="lines per second (0: as fast as the daemon takes them)",
+                default=None,
+                help="lines per second (default: 60%% of the capacity measured at start; "
+                "0: as fast as the daemon takes them)",
             )
             d.add_argument("--seed", type=int, default=7)
             d.set_defaults(func=cmd_demo)

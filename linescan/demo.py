@@ -17,15 +17,16 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from linescan.backends import create_backend
+from linescan.backends import Backend, create_backend
 from linescan.config import Config
 from linescan.data.synthetic import Defect
 from linescan.errors import ModelError
 from linescan.listen import LossTracker, listen
 from linescan.metrics import MetricsServer
-from linescan.model.bundle import load_bundle
+from linescan.model.bundle import BundleMeta, load_bundle
 from linescan.service import Daemon
 from linescan.simulate import send_web, synthetic_source
+from linescan.tiling import TileGrid
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "engines" / "default"
 
@@ -68,6 +69,33 @@ def _overlaps(d: Defect, e: dict[str, Any]) -> bool:
     )
 
 
+AUTO_LOAD = 0.6  # the simulated line runs at this share of the measured capacity
+MAX_AUTO_SECONDS = 60.0  # with the measured rate, the demo's web is cut to send within this
+
+
+def measure_capacity(backend: Backend, meta: BundleMeta, config: Config, width: int) -> float:
+    """Camera lines per second the engine keeps up with at this width (model time only).
+
+    The demo runs on whatever machine it is tried on, a quiet workstation or a busy CI box, so
+    it measures instead of assuming, and paces its simulated camera below that.
+    """
+    batch = config.inspection.max_batch
+    tiles = np.random.default_rng(0).random((batch, 1, meta.patch, meta.patch), np.float32)
+    for _ in range(2):  # warm-up: the first calls compile kernels
+        backend.infer(tiles)
+    times: list[float] = []
+    t_end = time.perf_counter() + 1.5
+    while time.perf_counter() < t_end and len(times) < 30:
+        t0 = time.perf_counter()
+        backend.infer(tiles)
+        times.append(time.perf_counter() - t0)
+    tiles_per_s = batch / float(np.median(times))
+    grid = TileGrid(meta.patch, config.inspection.stride)
+    per_row = len(grid.positions(meta.input.model_shape(1, width)[1]))
+    camera_lines_per_row = grid.stride * meta.input.downscale
+    return tiles_per_s / per_row * camera_lines_per_row
+
+
 def run_demo(
     config: Config,
     bundle: Path | None = None,
@@ -75,7 +103,7 @@ def run_demo(
     width: int = 2048,
     frame_height: int = 256,
     defects: int = 8,
-    line_rate_hz: float = 3000.0,
+    line_rate_hz: float | None = None,
     seed: int = 7,
     out: TextIO = sys.stdout,
 ) -> DemoResult:
@@ -88,6 +116,16 @@ def run_demo(
         batch=config.inspection.max_batch,
         device=config.engine.device,
     )
+    if line_rate_hz is None:
+        capacity = measure_capacity(backend, b.meta, config, width)
+        line_rate_hz = max(100.0, round(AUTO_LOAD * capacity, -2))
+        out.write(
+            f"measured capacity about {capacity:.0f} lines/s at {width} px; the simulated "
+            f"camera runs at {line_rate_hz:.0f} lines/s ({AUTO_LOAD:.0%}; --line-rate to change)\n"
+        )
+        if lines / line_rate_hz > MAX_AUTO_SECONDS:
+            lines = max(4000, int(line_rate_hz * MAX_AUTO_SECONDS))
+            out.write(f"a busy machine: the web is shortened to {lines} lines\n")
     if line_rate_hz <= 0 and config.queues.overload != "block":
         # "as fast as the daemon takes them": let ZeroMQ push back on the sender instead of
         # dropping frames (the daemon's default policy for a live line)

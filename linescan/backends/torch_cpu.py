@@ -57,7 +57,9 @@ class TorchBackend:
             # Never a bigger OpenMP team than the cores this process may run on: a team larger
             # than its cores stalls at every barrier (see linescan.threads).
             torch.set_num_threads(max(1, min(threads, affinity_cores())))
-        self._module = bundle.module.eval()
+        # A copy: ``Module.to`` works in place, and the caller's bundle (which may feed other
+        # backends, or a second TorchBackend in another precision) must stay as it was.
+        self._module = copy.deepcopy(bundle.module).eval()
         self._module = self._module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self._meta = bundle.meta
         self._noise = (
