@@ -59,6 +59,7 @@ def _scale_arg(text: str) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    _configure_threads(a.threads, pipelined=False)  # first: before torch starts OpenMP
     from linescan.backends import create_backend
     from linescan.calibrate import calibrate
     from linescan.model.bundle import load_bundle, update_meta
@@ -234,20 +235,22 @@ def _serve_config(a: argparse.Namespace) -> Config:
 def cmd_serve(a: argparse.Namespace) -> int:
     import signal
 
-    from linescan import sdnotify
-    from linescan.backends import create_backend
-    from linescan.demo import default_bundle_path
     from linescan.log import configure_logging, get_logger
-    from linescan.metrics import MetricsServer
-    from linescan.model.bundle import load_bundle
-    from linescan.service import Daemon
 
     config = _serve_config(a)
     configure_logging(config.log.format, config.log.level)
     log = get_logger("linescan.serve")
-    config = _journal_default(config, log)
+    # threads first: OpenMP reads its wait policy once, when torch is first imported
     plan = _configure_threads(config.engine.threads)
     log.info("threads", **plan)
+    config = _journal_default(config, log)
+
+    from linescan import sdnotify
+    from linescan.backends import create_backend
+    from linescan.demo import default_bundle_path
+    from linescan.metrics import MetricsServer
+    from linescan.model.bundle import load_bundle
+    from linescan.service import Daemon
     bundle = load_bundle(config.model.bundle or default_bundle_path())
     backend = create_backend(
         bundle,
@@ -312,12 +315,11 @@ def _journal_default(config: Config, log: Any) -> Config:
     return config.with_overrides({"journal": {"path": path}})
 
 
-def _configure_threads(threads: int | None) -> dict[str, object]:
-    try:
-        from linescan.threads import configure_threads
-    except ImportError:  # pragma: no cover - threads.py ships with the package
-        return {}
-    plan = configure_threads(threads)
+def _configure_threads(threads: int | None, pipelined: bool = True) -> dict[str, object]:
+    """Size the thread pools before torch starts its own (see ``linescan/threads.py``)."""
+    from linescan.threads import configure_threads
+
+    plan = configure_threads(threads, pipelined=pipelined)
     return dict(vars(plan)) if hasattr(plan, "__dict__") else {"plan": str(plan)}
 
 
@@ -336,7 +338,6 @@ def cmd_check_config(a: argparse.Namespace) -> int:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from linescan.config import apply_overrides, load_config
-    from linescan.demo import run_demo
     from linescan.log import configure_logging
 
     config = apply_overrides(
@@ -347,7 +348,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
         metrics=a.metrics,
     )
     configure_logging("console" if sys.stderr.isatty() else "json", "warning")
-    _configure_threads(config.engine.threads)
+    _configure_threads(config.engine.threads)  # before torch is imported
+    from linescan.demo import run_demo
+
     res = run_demo(
         config,
         lines=a.lines,
@@ -522,6 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ssim-window", type=int, default=11, help="SSIM window K (odd)")
     t.add_argument("--ssim-uniform", action="store_true", help="uniform instead of Gaussian window")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: every core this process may use; on a busy machine 1 "
+        "thread per process is often faster than oversubscribing)",
+    )
     t.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     t.add_argument("--precision", default="auto", help="auto, fp32 or bf16 (CPU autocast)")
     t.add_argument("--checkpoint-every", type=int, default=10, help="epochs between checkpoints")

@@ -297,6 +297,7 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> TrainResult:
         ssim=cfg.ssim,
         input=spec,
         name=cfg.name or cfg.out.name,
+        stride=min(30, cfg.patch),  # the paper's 30, or one tile for patches smaller than that
     )
     model = build_module(meta).to(cfg.device)
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -307,6 +308,7 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> TrainResult:
     loss_fn = make_loss(cfg, amp)
 
     start_epoch = 0
+    epoch_loss = float("nan")
     ckpt = cfg.out / CHECKPOINT
     if cfg.resume:
         if not ckpt.is_file():
@@ -315,6 +317,7 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> TrainResult:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"])
+        epoch_loss = float(state.get("loss", float("nan")))
         log.write(f"resumed from {ckpt} after epoch {start_epoch}\n")
 
     steps_per_epoch = math.ceil(cfg.patches / cfg.batch)
@@ -325,7 +328,6 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> TrainResult:
         f"{len(images)} images ({len(hold)} held out for calibration), {cfg.patches} crops, "
         f"{cfg.epochs} epochs, {'bf16' if amp else 'fp32'}, {torch.get_num_threads()} threads\n"
     )
-    epoch_loss = float("nan")
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
@@ -348,7 +350,7 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> TrainResult:
         epoch_loss = total / max(n, 1)
         last = epoch + 1 == cfg.epochs
         if cfg.checkpoint_every > 0 and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
-            _save_checkpoint(ckpt, model, opt, epoch + 1)
+            _save_checkpoint(ckpt, model, opt, epoch + 1, epoch_loss)
     progress.update(cfg.epochs * steps_per_epoch, cfg.epochs, cfg.epochs, epoch_loss, final=True)
 
     model.eval()
@@ -366,7 +368,7 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> TrainResult:
         "weight_decay": cfg.weight_decay,
         "seed": cfg.seed,
         "precision": "bf16" if amp else "fp32",
-        "final_loss": epoch_loss,
+        "final_loss": epoch_loss if math.isfinite(epoch_loss) else None,
         "seconds": round(seconds, 1),
         "command": cfg.command,
         "torch": torch.__version__,
@@ -378,10 +380,13 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> TrainResult:
     return TrainResult(cfg.out, meta, epoch_loss, seconds, hold)
 
 
-def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int) -> None:
+def _save_checkpoint(
+    path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, loss: float
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch}, tmp)
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch}
+    torch.save({**state, "loss": loss}, tmp)
     tmp.replace(path)
 
 

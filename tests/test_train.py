@@ -106,7 +106,8 @@ def test_checkpoint_is_plain_tensors(
     _run(train_config, woven_data, tmp_path / "m", checkpoint_every=1, **QUICK)
     state = torch.load(tmp_path / "m" / CHECKPOINT, weights_only=True)
     assert state["epoch"] == 1
-    assert set(state) == {"model", "optimizer", "epoch"}
+    assert set(state) == {"model", "optimizer", "epoch", "loss"}
+    assert isinstance(state["loss"], float)
 
 
 def test_resume_without_checkpoint_is_refused(
@@ -285,3 +286,23 @@ def test_cuda_device_without_cuda_is_refused(
         pytest.skip("this machine has CUDA")
     with pytest.raises(ModelError, match="CUDA is not available"):
         _run(train_config, woven_data, tmp_path / "m", device="cuda", **QUICK)
+
+
+def test_resume_of_a_finished_run_keeps_its_loss(
+    tmp_path: Path, woven_data: Path, train_config: ConfigFactory
+) -> None:
+    """Resuming a run that already reached its epochs trains nothing and keeps the last loss."""
+    log = io.StringIO()
+    first = train(train_config(woven_data, tmp_path / "m", checkpoint_every=1, **QUICK), log=log)
+    again = train(train_config(woven_data, tmp_path / "m", resume=True, **QUICK), log=log)
+    assert again.final_loss == pytest.approx(first.final_loss)
+    assert again.meta.training["final_loss"] == pytest.approx(first.final_loss)
+
+
+def test_small_patch_gets_a_stride_that_fits(
+    tmp_path: Path, woven_data: Path, train_config: ConfigFactory
+) -> None:
+    """A 16-px patch model gets stride 16 (not 30 > patch) and its bundle loads."""
+    res = train(train_config(woven_data, tmp_path / "m", patch=16, **QUICK), log=io.StringIO())
+    assert res.meta.stride == 16
+    assert load_bundle(res.bundle).meta.stride == 16

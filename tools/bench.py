@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from linescan.threads import ThreadPlan, configure_threads  # noqa: E402  (before torch)
+from linescan.threads import SPIN_ENV, ThreadPlan, configure_threads  # noqa: E402
 
 PLAN: ThreadPlan = configure_threads(pipelined=False)
 
@@ -164,26 +164,37 @@ class EagerNCHW:
 # --------------------------------------------------------------------------- the naive way
 
 
-def naive_ssim_torch(x: torch.Tensor, y: torch.Tensor, params: SSIMParams) -> torch.Tensor:
+def naive_ssim_torch(
+    x: torch.Tensor, y: torch.Tensor, params: SSIMParams, region: int = PATCH
+) -> torch.Tensor:
     """SSIM as the public PyTorch scripts write it: a 2-D Gaussian window in ``conv2d``, five
-    moments, no centring. The border is BORDER_REFLECT (index-gathered: torch's "reflect" pad
-    is the other reflection), so that the output can be compared pixel for pixel."""
+    moments, no centring, one call per ``region`` x ``region`` block of pixels (each with its
+    window's context). The border is BORDER_REFLECT (index-gathered: torch's "reflect" pad is
+    the other reflection), so that the output can be compared pixel for pixel with ours."""
     k1 = torch.from_numpy(params.kernel())
     win = (k1[:, None] * k1[None, :]).to(torch.float32)[None, None]
     r = params.radius
     h, w = x.shape[-2:]
-    iy = torch.tensor([_reflect(i, h) for i in range(-r, h + r)])
-    ix = torch.tensor([_reflect(i, w) for i in range(-r, w + r)])
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.conv2d(t[..., iy, :][..., ix], win)
-
-    mx, my = blur(x), blur(y)
-    vx = blur(x * x) - mx * mx
-    vy = blur(y * y) - my * my
-    cxy = blur(x * y) - mx * my
     c1, c2 = params.c1, params.c2
-    return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    out = torch.empty_like(x)
+    for y0 in range(0, h, region):
+        for x0 in range(0, w, region):
+            y1, x1 = min(y0 + region, h), min(x0 + region, w)
+            iy = torch.tensor([_reflect(i, h) for i in range(y0 - r, y1 + r)])
+            ix = torch.tensor([_reflect(i, w) for i in range(x0 - r, x1 + r)])
+            xs, ys = x[..., iy, :][..., ix], y[..., iy, :][..., ix]
+
+            def blur(t: torch.Tensor) -> torch.Tensor:
+                return torch.nn.functional.conv2d(t, win)
+
+            mx, my = blur(xs), blur(ys)
+            vx = blur(xs * xs) - mx * mx
+            vy = blur(ys * ys) - my * my
+            cxy = blur(xs * ys) - mx * my
+            out[..., y0:y1, x0:x1] = ((2 * mx * my + c1) * (2 * cxy + c2)) / (
+                (mx * mx + my * my + c1) * (vx + vy + c2)
+            )
+    return out
 
 
 def _reflect(i: int, n: int) -> int:
@@ -434,6 +445,50 @@ def bench_overhead(bundle: Bundle, quick: bool, loaded: bool) -> dict[str, Any]:
     }
 
 
+_WAIT_PROBE = """
+import time, torch
+from linescan.model.autoencoder import Autoencoder
+torch.set_num_threads({threads})
+m = Autoencoder(128, 100).eval()
+x = torch.rand(1, 1, 128, 128)
+ts = []
+with torch.inference_mode():
+    for _ in range(5):
+        m(x)
+    end = time.perf_counter() + {seconds}
+    while time.perf_counter() < end or len(ts) < 5:
+        t0 = time.perf_counter(); m(x); ts.append(time.perf_counter() - t0)
+ts.sort()
+print(ts[len(ts) // 2] * 1e3, ts[int(len(ts) * 0.99)] * 1e3)
+"""
+
+
+def bench_wait_policy(quick: bool) -> dict[str, Any]:
+    """Batch-1 forward with one core busy: OpenMP's default spin-wait against the plan's
+    passive wait, in fresh processes (the policy is read when torch loads)."""
+    out: dict[str, Any] = {}
+    seconds = 1.0 if quick else 3.0
+    base_env = {k: v for k, v in os.environ.items() if k not in SPIN_ENV}
+    cases = (
+        ("torch 2 threads, OpenMP default wait", 2, {}),
+        ("torch 2 threads, OMP_WAIT_POLICY=PASSIVE (the plan)", 2, SPIN_ENV),
+        ("torch 1 thread (reserve=1)", 1, SPIN_ENV),
+    )
+    with one_core_loaded(True):
+        for label, threads, extra in cases:
+            env = {**base_env, **extra, "PYTHONPATH": str(ROOT)}
+            code = _WAIT_PROBE.format(threads=threads, seconds=seconds)
+            try:
+                res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                     text=True, timeout=120, check=True)  # fmt: skip
+                p50, p99 = (float(v) for v in res.stdout.split())
+                out[label] = {"batch1_p50_ms": p50, "batch1_p99_ms": p99}
+                log(f"  {label}: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+            except (subprocess.SubprocessError, ValueError) as exc:
+                out[label] = f"failed: {exc}"
+    return out
+
+
 # --------------------------------------------------------------------------- daemon
 
 
@@ -647,6 +702,10 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         *both("overhead", lambda d: f"{d['overhead_pct']:.1f} % "
               f"(with tile cutting {d['overhead_with_cut_pct']:.1f} %)"),
     ))  # fmt: skip
+    for label, d in results.get("wait_policy", {}).items():
+        if isinstance(d, dict):
+            lat = f"p50 {d['batch1_p50_ms']:.1f} ms, p99 {d['batch1_p99_ms']:.1f} ms"
+            out.append((f"batch-1 forward, {label}", "-", lat))
     dm = results.get("daemon")
     if isinstance(dm, dict):
         for label in ("sustained", "paced"):
@@ -717,6 +776,9 @@ def main(argv: list[str] | None = None) -> int:
             log(" overhead...")
             r["overhead"] = bench_overhead(bundle, a.quick, loaded)
             results[key] = r
+    if not a.no_loaded:
+        log("batch-1 latency with one core busy, by OpenMP wait policy...")
+        results["wait_policy"] = bench_wait_policy(a.quick)
     log("daemon...")
     # The daemon's own layout: post-processing runs beside inference (pipelined plan).
     results["daemon_thread_plan"] = configure_threads(pipelined=True).to_dict()

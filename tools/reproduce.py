@@ -20,7 +20,13 @@ that fits twice across the short side, so the inspection tiles overlap in both d
 
 Every run writes JSON under ``--work`` (default ``runs/study``, git-ignored): a run whose
 ``result.json`` holds the same configuration is skipped, and an interrupted training continues
-from its last epoch checkpoint. ``--report-only`` re-renders the report from those files.
+from its last epoch checkpoint. Several invocations may share one ``--work`` at once (each run
+is claimed with a lock file holding the process id), which is how a 2-core machine under load
+gets both cores used; sweep runs are not started once ``--budget-min`` (48) minutes have passed
+since the study's first start, the main table always runs. ``--report-only`` re-renders the
+report from those files, keeping the hand-written analysis between its markers. Torch runs one
+thread per process by default (``--threads``): on a loaded 2-core machine two threads spin-wait
+and ran about 3x slower than one.
 
 Not under test here: the model code itself (``linescan``); this tool only drives its public API
 (``linescan.train.train``, ``linescan.evaluation_run.residual_maps``,
@@ -500,7 +506,6 @@ def evaluate_command(run: Run, bundle: Path, residual: str) -> str:
 
 
 LOCK = "lock"
-FRESH_LOG_S = 120.0  # a train.log written this recently means some process is training
 
 
 def _pid_alive(pid: int) -> bool:
@@ -521,10 +526,7 @@ def busy_elsewhere(run_dir: Path) -> bool:
         pid = None
     if pid == os.getpid():
         return False
-    if pid is not None and _pid_alive(pid):
-        return True
-    log = run_dir / "train.log"
-    return log.is_file() and time.time() - log.stat().st_mtime < FRESH_LOG_S
+    return pid is not None and _pid_alive(pid)
 
 
 def claim(run_dir: Path) -> bool:
