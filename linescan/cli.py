@@ -251,6 +251,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from linescan.metrics import MetricsServer
     from linescan.model.bundle import load_bundle
     from linescan.service import Daemon
+
     bundle = load_bundle(config.model.bundle or default_bundle_path())
     backend = create_backend(
         bundle,

@@ -22,7 +22,7 @@ from linescan.model.bundle import BundleMeta
 from linescan.preprocess import InputSpec
 from linescan.residual import compute_residual
 from linescan.segment import Component, Region, components, open_mask, threshold_mask
-from linescan.tiling import TileGrid, cut_tiles, stitch
+from linescan.tiling import TileGrid, accumulate, cut_tiles
 
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
@@ -77,8 +77,16 @@ def reconstruct(
         )
     grid = TileGrid(meta.patch, settings.stride or meta.stride)
     ys, xs = grid.positions(h), grid.positions(w)
-    tiles = cut_tiles(x, ys, xs, meta.patch)
-    recon = stitch(infer_tiles(backend, tiles, settings.max_batch), ys, xs, h, w)
+    # Groups of whole tile rows: the tiles and reconstructions held at once stay a few batches
+    # (not the whole frame), and the sums are taken in the same order as the daemon's.
+    acc = np.zeros((meta.channels, h, w), dtype=np.float32)
+    count = np.zeros((h, w), dtype=np.float32)
+    rows_per_group = max(1, (4 * settings.max_batch) // len(xs))
+    for i in range(0, len(ys), rows_per_group):
+        group = ys[i : i + rows_per_group]
+        tiles = cut_tiles(x, group, xs, meta.patch)
+        accumulate(acc, count, infer_tiles(backend, tiles, settings.max_batch), group, xs)
+    recon: F32 = acc / count
     residual = compute_residual(meta.residual, x, recon, meta.ssim, meta.vae_sigma)
     return Reconstruction(x, recon, residual)
 

@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from linescan.ssim import SSIMParams, ssim_map
+from linescan.ssim import SSIMParams, dssim_map
 
 F32 = npt.NDArray[np.float32]
 ResidualKind = Literal["ssim", "l2", "vae"]
@@ -32,8 +32,7 @@ def halo(kind: ResidualKind, params: SSIMParams) -> int:
 
 
 def ssim_residual(x: F32, recon: F32, params: SSIMParams) -> F32:
-    out: F32 = 1.0 - ssim_map(x, recon, params)
-    return out
+    return dssim_map(x, recon, params)
 
 
 def l2_residual(x: F32, recon: F32) -> F32:

@@ -62,6 +62,8 @@ class OnnxBackend:
         opts = ort.SessionOptions()
         # 0 lets onnxruntime use every physical core; the daemon passes its own budget.
         opts.intra_op_num_threads = threads or 0
+        # no spinning worker threads: they steal the core the rest of the pipeline runs on
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
