@@ -176,7 +176,9 @@ class MetricsConfig(_Section):
 class InspectionConfig(_Section):
     """``[inspection]``: tiling, batching and how results are reported."""
 
-    stride: Annotated[int, Field(ge=1, le=4096)] = 30
+    stride: Annotated[int, Field(ge=1, le=4096)] | None = None
+    """Tile stride in model pixels; None: the bundle's (30, the paper's, for 128 patches). The
+    threshold was calibrated at the bundle's stride: change both together."""
     max_batch: Annotated[int, Field(ge=1, le=4096)] = 64
     max_wait_ms: Annotated[float, Field(ge=0, le=10_000, allow_inf_nan=False)] = 20.0
     lines_per_metre: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1000.0

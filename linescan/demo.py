@@ -90,7 +90,7 @@ def measure_capacity(backend: Backend, meta: BundleMeta, config: Config, width: 
         backend.infer(tiles)
         times.append(time.perf_counter() - t0)
     tiles_per_s = batch / float(np.median(times))
-    grid = TileGrid(meta.patch, config.inspection.stride)
+    grid = TileGrid(meta.patch, config.inspection.stride or meta.stride)
     per_row = len(grid.positions(meta.input.model_shape(1, width)[1]))
     camera_lines_per_row = grid.stride * meta.input.downscale
     return tiles_per_s / per_row * camera_lines_per_row

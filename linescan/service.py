@@ -43,7 +43,7 @@ from prometheus_client import CollectorRegistry
 
 from linescan.backends import Backend
 from linescan.config import Config
-from linescan.errors import EngineError, FrameError
+from linescan.errors import ConfigError, EngineError, FrameError
 from linescan.ingest import Frame, FrameLimits, parse_frame
 from linescan.journal import EventJournal
 from linescan.lines import Band, FrameInfo, TileJob
@@ -60,6 +60,8 @@ from linescan.tracker import ResidualFn, Tracker
 F32 = npt.NDArray[np.float32]
 _STOP = object()  # sentinel passed down the queues at shutdown
 MAX_CAMERAS = 16  # distinct camera names: bounds memory and metric label cardinality
+REORDER_WINDOW = 16  # a seq at most this far back is out of order; further back, a restart
+STALL_S = 15.0  # a thread that has not looped for this long is hung (the watchdog stops)
 log = get_logger("linescan.service")
 
 
@@ -134,7 +136,13 @@ class Daemon:
         self.meta = meta
         self.backend = backend
         self.threshold = float(threshold)
-        self.grid = TileGrid(meta.patch, config.inspection.stride)
+        stride = config.inspection.stride or meta.stride
+        if stride > meta.patch:
+            raise ConfigError(
+                f"inspection.stride = {stride} is larger than the model's {meta.patch}-px tiles: "
+                "parts of the web would never be inspected"
+            )
+        self.grid = TileGrid(meta.patch, stride)
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.metrics.set_model_info(
@@ -149,8 +157,8 @@ class Daemon:
         self.limits = FrameLimits.from_config(config.frames)
         q = config.queues
         self.q_frames: queue.Queue[Any] = queue.Queue(q.ingest)
-        self.q_jobs: queue.Queue[Any] = queue.Queue(q.inference * 8)
-        self.q_results: queue.Queue[Any] = queue.Queue(q.inference * 8)
+        self.q_jobs: queue.Queue[Any] = queue.Queue(q.inference)  # tile rows for the engine
+        self.q_results: queue.Queue[Any] = queue.Queue(q.publish)  # reconstructed rows
         self.totals = Totals()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -164,7 +172,10 @@ class Daemon:
         self._frames_seen: dict[str, deque[FrameInfo]] = {}  # post thread only
         self._uncounted: dict[str, list[FrameInfo]] = {}  # post thread only
         self._residual_cache: tuple[ResidualFn | None] | None = None  # post thread only
-        self._heartbeat = time.monotonic()
+        # last loop time of the threads that poll (inference, post): a stuck one stops the
+        # watchdog; the receiver and tiler block on I/O and queues by design
+        self._beats: dict[str, float] = {}
+        self._failed_segments: set[int] = set()  # engine failures: the tiler restarts these
         self.publisher: EventPublisher | None = None
         self.frames_endpoint = config.frames.endpoint
         self.events_endpoint = config.events.endpoint
@@ -221,6 +232,8 @@ class Daemon:
             ("post", self._post),
         ):
             t = threading.Thread(target=self._guard(target), name=f"linescan-{name}", daemon=True)
+            if name in ("inference", "post"):
+                self._beat(name)
             t.start()
             self._threads.append(t)
         self._ready.set()
@@ -238,7 +251,12 @@ class Daemon:
 
     def stop(self) -> None:
         """Stop taking frames; finish, publish what is held (see ``join``)."""
+        self._not_ready()
         self._stopping.set()
+
+    def _not_ready(self) -> None:
+        self._ready.clear()
+        self.metrics.ready.set(0)
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the threads to drain; True when all finished."""
@@ -254,12 +272,17 @@ class Daemon:
         return done
 
     def alive(self) -> bool:
-        """True while every thread runs (the watchdog pings only then)."""
+        """True while every thread runs and none is stuck (the watchdog pings only then)."""
+        now = time.monotonic()
         return (
             not self._errors
             and all(t.is_alive() for t in self._threads)
+            and all(now - beat < STALL_S for beat in self._beats.values())
             and (self.replay is None or self.replay.alive())
         )
+
+    def _beat(self, name: str) -> None:
+        self._beats[name] = time.monotonic()
 
     def _open_journal_and_security(self) -> None:
         self._curve = curve_from_config(self.config.frames, self.config.events, self.ctx)
@@ -295,6 +318,7 @@ class Daemon:
                 fn()
             except BaseException as exc:  # a dead thread must be loud and stop the daemon
                 self._errors.append(exc)
+                self._not_ready()
                 log.exception("thread failed", thread=threading.current_thread().name)
                 self._stopping.set()
                 self._unblock_all()
@@ -353,6 +377,14 @@ class Daemon:
                 t0 = time.perf_counter()
                 self._receive_one(parts, t_recv)
                 self.metrics.stage_seconds.labels("ingest").observe(time.perf_counter() - t0)
+            # Frames ZeroMQ already accepted from the camera are ours: take them in (inspected,
+            # or dropped and counted by the policy) rather than closing the socket on them.
+            while not self._errors:
+                try:
+                    parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._receive_one(parts, time.time_ns())
         finally:
             sock.close(linger=0)
             self._put(self.q_frames, _STOP, force=True)
@@ -370,16 +402,25 @@ class Daemon:
             return
         cam_name = frame.camera
         cam = self._cameras.setdefault(cam_name, _Camera())
-        if cam.next_seq is not None and frame.seq < cam.next_seq:
-            what = "duplicate" if frame.seq == cam.next_seq - 1 else "out of order"
-            self._reject("sequence", f"{what} seq {frame.seq} (expected {cam.next_seq})")
-            return
         brk: str | None = None
-        if cam.next_seq is None:
+        expected = cam.next_seq
+        if expected is not None and frame.seq < expected:
+            duplicate = frame.seq == expected - 1
+            if not duplicate and (frame.seq == 0 or expected - frame.seq > REORDER_WINDOW):
+                # a camera (or frame grabber) that restarted counts from 0 again: a new web
+                # segment, not thousands of "out of order" frames until its counter catches up
+                brk = "restart"
+                expected = cam.next_seq = None
+                cam.width = None
+            else:
+                what = "duplicate" if duplicate else "out of order"
+                self._reject("sequence", f"{what} seq {frame.seq} (expected {expected})")
+                return
+        if brk is None and expected is None:
             brk = "start"
-        elif frame.seq != cam.next_seq:
+        elif brk is None and expected is not None and frame.seq != expected:
             brk = "gap"
-            missing = frame.seq - cam.next_seq
+            missing = frame.seq - expected
             with self._lock:
                 self.totals.gaps += 1
             self.metrics.sequence_gaps_total.inc()
@@ -397,7 +438,7 @@ class Daemon:
             else (
                 cam.next_line + (frame.seq - cam.next_seq) * cam.last_height
                 if cam.next_seq is not None
-                else 0
+                else cam.next_line  # first frame (0) or a restarted camera: keep counting
             )
         )
         cam.next_seq = frame.seq + 1
@@ -432,6 +473,13 @@ class Daemon:
         self.metrics.queue_depth.labels("ingest").set(self.q_frames.qsize())
 
     def _check_geometry(self, frame: Frame) -> None:
+        bits = self.meta.input.bit_depth
+        if (frame.dtype == "uint8") != (bits <= 8):
+            raise FrameError(
+                "dtype",
+                f"{frame.dtype} frames, but model {self.meta.name} was trained on {bits}-bit "
+                "images (its normalisation would be wrong)",
+            )
         mw = self.meta.input.model_shape(1, frame.width)[1]
         if mw < self.meta.patch:
             raise FrameError(
@@ -500,6 +548,11 @@ class Daemon:
             brk = item.break_before
             if band is not None and brk is None and item.line != band.line0 + band.raw_lines:
                 brk = "dropped"  # the receiver dropped frames: a hole in the web
+            if band is not None and brk is None:
+                with self._lock:
+                    if band.segment in self._failed_segments:
+                        self._failed_segments.discard(band.segment)
+                        brk = "engine"  # inspection restarts after an engine failure
             if band is not None and (brk is not None or band.raw_width != f.width):
                 self._send_jobs(cam, band.end())
                 self._note_break(cam, item.line, brk or "width")
@@ -539,6 +592,7 @@ class Daemon:
         oldest = 0.0
         stop = False
         while True:
+            self._beat("inference")
             timeout = 0.1
             if waiting_tiles:
                 timeout = max(0.0, oldest + max_wait - time.monotonic())
@@ -595,6 +649,8 @@ class Daemon:
         t0 = time.perf_counter()
         try:
             recon = self.backend.infer(batch)
+            if not np.isfinite(recon).all():
+                raise EngineError("the engine returned NaN or infinite reconstructions")
             error = None
         except EngineError as exc:
             self.metrics.engine_errors_total.inc()
@@ -625,7 +681,7 @@ class Daemon:
                 item = self.q_results.get(timeout=min(0.1, interval))
             except queue.Empty:
                 item = None
-            self._heartbeat = time.monotonic()
+            self._beat("post")
             if item is _STOP:
                 self._publish_status(final=True)
                 return
@@ -656,6 +712,8 @@ class Daemon:
             trackers[cam] = tr
         if res.error is not None and job.segment not in broken:
             broken[job.segment] = res.error
+            with self._lock:
+                self._failed_segments.add(job.segment)  # the tiler restarts the web after it
         frames = job.frames
         if job.segment in broken:
             # the segment's later jobs ran fine (res.error is None): name the failure that broke it

@@ -58,7 +58,7 @@ def test_none_gives_defaults() -> None:
         9108,
         True,
     )
-    assert config.inspection.stride == 30
+    assert config.inspection.stride is None  # the bundle's
     assert config.inspection.max_batch == 64
     assert config.inspection.max_wait_ms == 20.0
     assert config.inspection.lines_per_metre == 1000.0

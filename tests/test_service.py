@@ -55,7 +55,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from linescan.backends import Backend, FunctionBackend, create_backend
 from linescan.config import Config
 from linescan.data.synthetic import Defect, WovenWeb, plant_defects
-from linescan.errors import EngineError
+from linescan.errors import ConfigError, EngineError
 from linescan.ingest import encode_frame
 from linescan.listen import LossTracker, listen
 from linescan.metrics import MetricsServer
@@ -652,9 +652,10 @@ def test_a_sequence_gap_starts_a_new_segment_and_nothing_is_stitched_across_it(
 
 
 def test_an_engine_failure_drops_its_segment_and_names_the_error(detector: Path) -> None:
-    """A batch that fails in the engine abandons its segment: the segment's remaining frames
-    are dropped (reason engine) and reported with the engine's error; the next segment is
-    inspected again and the accounting stays exact."""
+    """A batch that fails in the engine abandons its segment: the frames of it still in flight
+    are dropped (reason engine) and reported with the engine's error; the web restarts after
+    them (a new segment, if frames of it were still coming) and later frames are inspected
+    again; the accounting stays exact."""
     h, width = 40, 128
     knot = Defect("knot", line=500, x=50, height=14, width=14)
     web = woven(width, 20 * h, [knot])
@@ -689,7 +690,8 @@ def test_an_engine_failure_drops_its_segment_and_names_the_error(detector: Path)
     assert {r["why"] for r in lost} == {"engine error: device lost"}
     assert all(r["line_end"] <= 10 * h for r in lost)
     assert any(overlaps(knot, e) for e in sub.defects), "the next segment was not inspected"
-    assert final["segments"] == 2
+    # 2, or 3 when the tiler still had frames of the first web after the failure was known
+    assert final["segments"] in (2, 3)
 
 
 # --------------------------------------------------------------------------- 6. SIGTERM
@@ -963,3 +965,84 @@ def test_camsim_and_listen_tools_against_a_daemon(detector: Path, tmp_path: Path
     assert all(any(overlaps(d, e) for e in defects) for d in planted)
     assert recorded[-1]["topic"] == "status"
     assert recorded[-1]["final"]
+
+
+# --------------------------------------------------------------------------- review follow-ups
+
+
+def test_a_restarted_camera_starts_a_new_segment_instead_of_being_shut_out(
+    detector: Path,
+) -> None:
+    """A camera that restarts (seq back to 0) is a new web segment, not thousands of
+    out-of-order rejections; a small step back is still rejected as out of order."""
+    h, width = 50, 128
+    knot = Defect("knot", line=120, x=50, height=14, width=14)
+    web = woven(width, 6 * h, [knot])
+    with running(make_config(), load_bundle(detector).meta, torch_backend(detector)) as run:
+        sock = run.push()
+        send_frames(sock, web, [h] * 6, first_seq=100, end=False)  # seq 100..105
+        run.sub.drained(6)
+        sock.send_multipart(encode_frame("cam0", 103, web[:h]))  # out of order: rejected
+        send_frames(sock, web, [h] * 6, first_seq=0)  # the camera restarted
+        run.sub.drained(12)
+        final = run.stop()
+    assert final["rejected_by_reason"] == {"sequence": 1}
+    assert final["frames_inspected"] == 12
+    assert final["segments"] == 2
+    assert {"camera": "cam0", "line": 6 * h, "why": "restart"} in run.sub.merged("breaks")
+    assert sum(overlaps(knot, e) for e in run.sub.defects) == 1  # the first web only
+    assert any(e["line_start"] >= 6 * h for e in run.sub.defects), "restarted web not inspected"
+
+
+def test_frames_of_another_bit_depth_than_the_model_are_rejected(detector: Path) -> None:
+    """uint16 frames into an 8-bit model would be normalised wrongly: rejected as dtype."""
+    web = woven(128, 200, []).astype(np.uint16) * 257
+    with running(make_config(), load_bundle(detector).meta, torch_backend(detector)) as run:
+        run.push().send_multipart(encode_frame("cam0", 0, web, end=True))
+        status = run.sub.until(lambda s: s["frames_rejected"] >= 1)
+        run.stop()
+    assert status["rejected_by_reason"] == {"dtype": 1}
+    assert status["frames_received"] == 0
+
+
+def test_the_daemon_uses_the_bundles_stride_and_refuses_one_larger_than_a_tile(
+    detector: Path,
+) -> None:
+    """No inspection.stride: the bundle's; a stride larger than the tile is a config error."""
+    meta = load_bundle(detector).meta
+    daemon = Daemon(make_config(), meta, torch_backend(detector))
+    assert daemon.grid.stride == meta.stride
+    with pytest.raises(ConfigError, match="larger than the model"):
+        Daemon(make_config(inspection={"stride": meta.patch + 1}), meta, torch_backend(detector))
+
+
+def test_a_nan_from_the_engine_is_an_engine_error_and_inspection_resumes(detector: Path) -> None:
+    """Non-finite reconstructions are an engine failure (never a defect score that cannot be
+    published); the tiler restarts the web after it, so later frames are inspected again."""
+    h, width = 40, 128
+    knot = Defect("knot", line=560, x=50, height=14, width=14)
+    web = woven(width, 20 * h, [knot])
+    inner = torch_backend(detector)
+    calls = {"done": 0, "fail": -1}
+
+    def poisoned(batch: F32) -> F32:
+        calls["done"] += 1
+        out = inner.infer(batch)
+        if calls["done"] == calls["fail"]:
+            out[0, 0, 0, 0] = np.nan
+        return out
+
+    config = make_config(inspection={"max_batch": 4, "max_wait_ms": 0.0})
+    with running(config, load_bundle(detector).meta, FunctionBackend(poisoned)) as run:
+        calls["fail"] = calls["done"] + 3
+        sock = run.push()
+        for i in range(20):  # one endless web, paced so the failure lands early
+            sock.send_multipart(encode_frame("cam0", i, web[i * h : (i + 1) * h], end=i == 19))
+            time.sleep(0.02)
+        run.sub.drained(20)
+        final = run.stop()
+    assert final["frames_received"] == final["frames_inspected"] + final["frames_dropped"] == 20
+    assert 0 < final["frames_dropped"] < 20
+    assert final["segments"] >= 2, "the web was not restarted after the failure"
+    assert any(b["why"] == "engine" for b in run.sub.merged("breaks"))
+    assert any(overlaps(knot, e) for e in run.sub.defects), "inspection did not resume"
