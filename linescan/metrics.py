@@ -125,6 +125,13 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.frame_latency_seconds = Histogram(
+            "linescan_frame_latency_seconds",
+            "Time from frame capture (or receipt) until all of its lines are inspected: their "
+            "residual, mask and closed regions final, defect or not.",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "linescan_queue_depth",
             "Items waiting in each bounded queue.",

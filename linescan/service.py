@@ -171,6 +171,7 @@ class Daemon:
         self._on_event = on_event
         self._frames_seen: dict[str, deque[FrameInfo]] = {}  # post thread only
         self._uncounted: dict[str, list[FrameInfo]] = {}  # post thread only
+        self._not_final: dict[str, deque[FrameInfo]] = {}  # post thread only
         self._residual_cache: tuple[ResidualFn | None] | None = None  # post thread only
         # last loop time of the threads that poll (inference, post): a stuck one stops the
         # watchdog; the receiver and tiler block on I/O and queues by design
@@ -728,6 +729,7 @@ class Daemon:
         regions = tr.consume(job, res.recon)
         self.metrics.stage_seconds.labels("stitch").observe(time.perf_counter() - t0)
         self._frames_seen.setdefault(cam, deque(maxlen=4096)).extend(frames)
+        self._observe_final(cam, tr, frames)
         # A frame counts as inspected once its segment has held a whole tile row (before that
         # it is not yet known whether the segment will be long enough to inspect at all).
         waiting = self._uncounted.setdefault(cam, [])
@@ -746,6 +748,22 @@ class Daemon:
                 self._publish_defect(cam, job.segment, r)
         if job.end:
             trackers.pop(cam, None)
+
+    def _observe_final(self, cam: str, tr: Tracker, frames: list[FrameInfo]) -> None:
+        """Frame latency: capture (or receipt) until every line of the frame is final."""
+        waiting = self._not_final.setdefault(cam, deque())
+        waiting.extend(frames)
+        final_line = (
+            tr.line0 + tr.raw_lines if tr.ended else tr.line0 + tr.mask_final * tr.spec.downscale
+        )
+        now = time.time_ns()
+        while waiting and (
+            waiting[0].line_start + waiting[0].lines <= final_line
+            or waiting[0].line_start < tr.line0  # a frame of an earlier segment
+        ):
+            fi = waiting.popleft()
+            t_ref = fi.t_capture_ns if fi.t_capture_ns is not None else fi.t_receive_ns
+            self.metrics.frame_latency_seconds.observe(max(0, now - t_ref) / 1e9)
 
     def _residual_fn(self) -> ResidualFn | None:
         """The fused CUDA SSIM kernel when the engine runs on a GPU; None: the CPU residual.

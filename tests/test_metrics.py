@@ -23,6 +23,7 @@ EXPECTED = {
     "linescan_batch_size": "histogram",
     "linescan_stage_seconds": "histogram",
     "linescan_latency_seconds": "histogram",
+    "linescan_frame_latency_seconds": "histogram",
     "linescan_queue_depth": "gauge",
     "linescan_defects": "counter",
     "linescan_events_published": "counter",

@@ -1046,3 +1046,18 @@ def test_a_nan_from_the_engine_is_an_engine_error_and_inspection_resumes(detecto
     assert final["segments"] >= 2, "the web was not restarted after the failure"
     assert any(b["why"] == "engine" for b in run.sub.merged("breaks"))
     assert any(overlaps(knot, e) for e in run.sub.defects), "inspection did not resume"
+
+
+def test_frame_latency_is_measured_on_a_web_without_defects(detector: Path) -> None:
+    """A defect-free web still yields end-to-end latency: one observation per frame whose
+    lines all became final (capture to inspected), none negative."""
+    h, width = 50, 128
+    web = woven(width, 8 * h, [])
+    with running(make_config(), load_bundle(detector).meta, torch_backend(detector)) as run:
+        send_frames(run.push(), web, [h] * 8)
+        run.sub.drained(8)
+        final = run.stop()
+        metrics = scrape(run.metrics_url)
+    assert final["defects"] == 0
+    assert metrics[("linescan_frame_latency_seconds_count", ())] == 8
+    assert metrics[("linescan_frame_latency_seconds_sum", ())] >= 0
