@@ -60,7 +60,7 @@ from linescan.tracker import ResidualFn, Tracker
 F32 = npt.NDArray[np.float32]
 _STOP = object()  # sentinel passed down the queues at shutdown
 MAX_CAMERAS = 16  # distinct camera names: bounds memory and metric label cardinality
-REORDER_WINDOW = 16  # a seq at most this far back is out of order; further back, a restart
+REORDER_WINDOW = 16  # a seq at most this far back is out of order; further, a camera restart
 STALL_S = 15.0  # a thread that has not looped for this long is hung (the watchdog stops)
 log = get_logger("linescan.service")
 
@@ -407,9 +407,10 @@ class Daemon:
         expected = cam.next_seq
         if expected is not None and frame.seq < expected:
             duplicate = frame.seq == expected - 1
-            if not duplicate and (frame.seq == 0 or expected - frame.seq > REORDER_WINDOW):
+            if expected - frame.seq > REORDER_WINDOW:
                 # a camera (or frame grabber) that restarted counts from 0 again: a new web
-                # segment, not thousands of "out of order" frames until its counter catches up
+                # segment, not thousands of "out of order" frames until its counter catches up.
+                # A short step back is a duplicate or a reordered frame: rejected.
                 brk = "restart"
                 expected = cam.next_seq = None
                 cam.width = None

@@ -50,6 +50,7 @@ from linescan.errors import FrameError  # noqa: E402
 from linescan.ingest import MAX_HEADER_BYTES, FrameLimits, encode_frame, parse_frame  # noqa: E402
 from linescan.model.bundle import BundleMeta  # noqa: E402
 from linescan.preprocess import InputSpec  # noqa: E402
+from linescan.service import REORDER_WINDOW  # noqa: E402
 
 LEVEL = 128  # grey level of the flat web
 PATCH = 32
@@ -295,7 +296,8 @@ class Planner:
             return Message(kind, parts, "dims")
         if kind in ("duplicate", "out_of_order"):
             if kind == "out_of_order" and len(self.valid_sent) >= 2:
-                k = rng.randrange(2, len(self.valid_sent) + 1)
+                # at most REORDER_WINDOW back: further back the daemon takes a restarted camera
+                k = rng.randrange(2, min(len(self.valid_sent), REORDER_WINDOW) + 1)
                 m = self.valid_sent[-k]
             else:
                 m = self.valid_sent[-1]
