@@ -273,6 +273,9 @@ class FollowStats:
         return sum(b - a + 1 for a, b in self.lost)
 
 
+REPLAY_RETRY_S = (0.2, 1.0, 3.0)  # pauses between replay attempts before a gap counts as lost
+
+
 class _Follower:
     def __init__(
         self,
@@ -291,11 +294,18 @@ class _Follower:
         start = self.stats.next_seq
         if start is None or (until is not None and start >= until):
             return False
-        try:
-            events = self.replay(start, until)
-        except ReplayError as exc:
-            self.stats.replay_errors += 1
-            log.warning("replay failed", error=str(exc))
+        events: list[dict[str, Any]] | None = None
+        for pause in (*REPLAY_RETRY_S, None):
+            try:
+                events = self.replay(start, until)
+                break
+            except ReplayError as exc:
+                # a daemon restarting or busy: try again before writing the gap off as lost
+                self.stats.replay_errors += 1
+                log.warning("replay failed", error=str(exc), retry_in_s=pause)
+                if pause is not None:
+                    time.sleep(pause)
+        if events is None:
             return False
         for body in events:
             seq = int(body["seq"])
