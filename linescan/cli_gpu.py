@@ -27,15 +27,20 @@ def _positive(text: str) -> int:
 
 def cmd_export(a: argparse.Namespace) -> int:
     from linescan.export import export_onnx, verify_onnx
-    from linescan.model.bundle import read_meta
+    from linescan.model.bundle import ONNX_FP16_FILE, read_meta
 
     path = export_onnx(a.model, opset=a.opset)
     meta = read_meta(a.model)
     print(f"wrote {path} (sha256 {meta.onnx_sha256}, opset {a.opset}, dynamic batch axis)")
+    print(f"wrote {path.with_name(ONNX_FP16_FILE)} (sha256 {meta.onnx_fp16_sha256}, FP16 inside)")
     if a.no_verify:
         return 0
-    diff = verify_onnx(a.model)
-    print(f"onnxruntime vs torch on batches of 1 and 5: max |diff| = {diff:.2e}")
+    for precision in ("fp32", "fp16"):
+        diff = verify_onnx(a.model, precision=precision)
+        print(
+            f"onnxruntime {precision} export vs torch fp32 on batches of 1 and 5: "
+            f"max |diff| = {diff:.2e}"
+        )
     return 0
 
 

@@ -70,13 +70,19 @@ class EngineKey:
 
 
 def default_engines_dir() -> Path:
-    """``$LINESCAN_ENGINES``, else ``engines/`` of a source checkout, else the user's cache.
+    """``$LINESCAN_ENGINES``; else ``$STATE_DIRECTORY/engines`` (systemd's StateDirectory=,
+    the one writable place of the sandboxed unit, beside the event journal); else ``engines/``
+    of a source checkout; else the user's cache.
 
     Never the working directory: under systemd that is ``/``.
     """
     env = os.environ.get(ENGINES_ENV)
     if env:
         return Path(env)
+    state = os.environ.get("STATE_DIRECTORY")
+    if state:
+        # systemd passes a colon-separated list when the unit names several; ours names one.
+        return Path(state.split(":")[0]) / "engines"
     repo = Path(__file__).resolve().parents[1]
     if (repo / "pyproject.toml").is_file() and (repo / "engines").is_dir():
         return repo / "engines"

@@ -6,6 +6,13 @@
 checksum differs, so a stale or tampered export is never run. ``verify_onnx`` runs the export
 with onnxruntime on the CPU against the torch network and returns the largest difference.
 
+Beside it goes ``BUNDLE/model.fp16.onnx``: the same network with FP16 weights and arithmetic
+between a cast in and a cast out, so its inputs and outputs stay FP32. TensorRT 11 builds only
+strongly typed networks (the precision of every tensor is the ONNX file's, and the FP16
+builder flag is gone), so an FP16 engine needs an FP16 graph; TensorRT 10 builds it the same
+way with the strongly typed flag. ``verify_onnx(..., precision="fp16")`` checks it with
+onnxruntime against the FP32 torch network (within ``FP16_TOLERANCE``).
+
 A VAE is exported as inspection uses it: encode, then decode the N fixed posterior noise draws
 of ``torch_cpu.vae_noise`` (baked into the graph as a constant), so every engine returns the
 same (B, N, p, p) reconstructions as the torch backend.
@@ -17,6 +24,7 @@ a reshape) is exactly what the tracer handles well.
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import warnings
@@ -30,13 +38,23 @@ from torch import nn
 from linescan.backends.torch_cpu import vae_noise
 from linescan.errors import EngineError, ModelError
 from linescan.model.autoencoder import VariationalAutoencoder
-from linescan.model.bundle import ONNX_FILE, Bundle, load_bundle, sha256_file, update_meta
+from linescan.model.bundle import (
+    ONNX_FILE,
+    ONNX_FP16_FILE,
+    Bundle,
+    load_bundle,
+    sha256_file,
+    update_meta,
+)
 
 INPUT_NAME = "tiles"
 OUTPUT_NAME = "reconstructions"
 DEFAULT_OPSET = 17
 ONNX_HINT = "pip install 'linescan[onnx]'"
 TOLERANCE = 1e-4
+# FP16 has an 11-bit significand: reconstructions in [0, 1] come out within ~5e-4 of FP32 on
+# the bundled model; 1e-2 still catches a broken graph (wrong weights, a lost cast).
+FP16_TOLERANCE = 1e-2
 # Not re-exported in torch.jit's type stubs; UserWarning if a future torch drops the name.
 _TRACER_WARNING: type[Warning] = getattr(torch.jit, "TracerWarning", UserWarning)
 
@@ -71,14 +89,36 @@ def inference_module(bundle: Bundle) -> nn.Module:
     return module
 
 
+class HalfPrecision(nn.Module):
+    """``module`` in FP16 between a cast in and a cast out: FP32 tensors at the boundary."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.inner = copy.deepcopy(module).half().eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.inner(x.half())
+        return y.float()
+
+
 def export_onnx(bundle_path: Path, opset: int = DEFAULT_OPSET) -> Path:
-    """Write ``BUNDLE/model.onnx`` (dynamic batch axis) and record its sha256 in the bundle."""
+    """Write ``BUNDLE/model.onnx`` and ``BUNDLE/model.fp16.onnx`` (dynamic batch axis) and
+    record both checksums in the bundle; returns the FP32 file's path."""
     bundle = load_bundle(Path(bundle_path))
     module = inference_module(bundle)
     p = bundle.meta.patch
     example = torch.rand(2, 1, p, p, generator=torch.Generator().manual_seed(0))
     out = bundle.path / ONNX_FILE
-    fd, tmp_name = tempfile.mkstemp(dir=bundle.path, prefix=f".{ONNX_FILE}.", suffix=".tmp")
+    out16 = bundle.path / ONNX_FP16_FILE
+    _export(module, example, out, bundle.path, opset)
+    _export(HalfPrecision(module), example, out16, bundle.path, opset)
+    update_meta(bundle.path, onnx_sha256=sha256_file(out), onnx_fp16_sha256=sha256_file(out16))
+    return out
+
+
+def _export(module: nn.Module, example: torch.Tensor, out: Path, where: Path, opset: int) -> None:
+    """Trace ``module`` into ``out`` atomically (a crash leaves the previous file)."""
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -104,26 +144,29 @@ def export_onnx(bundle_path: Path, opset: int = DEFAULT_OPSET) -> Path:
     except ImportError as exc:
         raise ModelError(f"ONNX export needs the onnx package: {ONNX_HINT} ({exc})") from exc
     except (RuntimeError, ValueError, TypeError) as exc:
-        raise ModelError(f"ONNX export of {bundle.path} failed: {exc}") from exc
+        raise ModelError(f"ONNX export of {where} failed: {exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
-    update_meta(bundle.path, onnx_sha256=sha256_file(out))
-    return out
 
 
 def verify_onnx(
     bundle_path: Path,
     batch_sizes: Sequence[int] = (1, 5),
-    tolerance: float = TOLERANCE,
+    tolerance: float | None = None,
     seed: int = 0,
+    precision: str = "fp32",
 ) -> float:
-    """Max |onnxruntime - torch| over random batches of each size; ModelError above
-    ``tolerance``. Several batch sizes check that the batch axis really is dynamic."""
+    """Max |onnxruntime - torch FP32| over random batches of each size; ModelError above
+    ``tolerance`` (``TOLERANCE``, or ``FP16_TOLERANCE`` for the FP16 export). Several batch
+    sizes check that the batch axis really is dynamic."""
     from linescan.backends.onnx_cpu import OnnxBackend
 
+    if tolerance is None:
+        tolerance = FP16_TOLERANCE if precision == "fp16" else TOLERANCE
     bundle = load_bundle(Path(bundle_path))
     module = inference_module(bundle)
-    backend = OnnxBackend(bundle, threads=1)
+    name = ONNX_FP16_FILE if precision == "fp16" else ONNX_FILE
+    backend = OnnxBackend(bundle, threads=1, precision=precision)
     rng = np.random.default_rng(seed)
     p = bundle.meta.patch
     worst = 0.0
@@ -135,17 +178,17 @@ def verify_onnx(
             got = backend.infer(x)
             if got.shape != want.shape:
                 raise ModelError(
-                    f"{bundle.path / ONNX_FILE}: batch of {b} gives shape {got.shape}, "
+                    f"{bundle.path / name}: batch of {b} gives shape {got.shape}, "
                     f"torch gives {want.shape}"
                 )
             worst = max(worst, float(np.abs(got - want).max()))
     except EngineError as exc:
-        raise ModelError(f"cannot run {bundle.path / ONNX_FILE} with onnxruntime: {exc}") from exc
+        raise ModelError(f"cannot run {bundle.path / name} with onnxruntime: {exc}") from exc
     finally:
         backend.close()
     if not worst <= tolerance:
         raise ModelError(
-            f"{bundle.path / ONNX_FILE} differs from the torch network by {worst:.2e} "
+            f"{bundle.path / name} differs from the torch network by {worst:.2e} "
             f"(> {tolerance:.0e}); do not deploy it"
         )
     return worst

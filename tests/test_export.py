@@ -16,12 +16,13 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 import onnx
 
 from linescan.backends import create_backend
-from linescan.backends.onnx_cpu import OnnxBackend
+from linescan.backends.onnx_cpu import OnnxBackend, checked_onnx_path
 from linescan.backends.torch_cpu import TorchBackend
 from linescan.errors import ModelError
 from linescan.export import INPUT_NAME, OUTPUT_NAME, export_onnx, verify_onnx
 from linescan.model.bundle import (
     ONNX_FILE,
+    ONNX_FP16_FILE,
     BundleMeta,
     build_module,
     load_bundle,
@@ -108,6 +109,83 @@ def test_verify_onnx_reports_a_small_difference(exported: dict[str, Path]) -> No
     assert 0.0 <= verify_onnx(exported["ssim"]) <= 1e-4
 
 
+# --------------------------------------------------------------------------- FP16 export
+
+
+FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+
+
+@pytest.mark.parametrize("loss", ["ssim", "vae"])
+def test_fp16_export_is_fp16_inside_fp32_outside(exported: dict[str, Path], loss: str) -> None:
+    """model.fp16.onnx: recorded, FP16 weights, FP32 tensors at the boundary, dynamic batch.
+
+    This is the graph a strongly typed TensorRT (11, or 10 with the flag) builds an FP16
+    engine from; an FP32 boundary keeps the backend's host buffers and the daemon unchanged.
+    """
+    path = exported[loss] / ONNX_FP16_FILE
+    assert read_meta(exported[loss]).onnx_fp16_sha256 == sha256_file(path)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    weights = {init.data_type for init in model.graph.initializer if len(init.dims) == 4}
+    assert weights == {FLOAT16}
+    (inp,) = model.graph.input
+    (out,) = model.graph.output
+    assert inp.type.tensor_type.elem_type == FLOAT
+    assert out.type.tensor_type.elem_type == FLOAT
+    assert inp.type.tensor_type.shape.dim[0].dim_param
+    producers = {o: n for n in model.graph.node for o in n.output}
+    assert any(n.op_type == "Cast" and inp.name in n.input for n in model.graph.node)
+    last = producers[out.name]
+    while last.op_type == "Identity":
+        last = producers[last.input[0]]
+    assert last.op_type == "Cast"
+
+
+@pytest.mark.parametrize("loss", ["ssim", "vae"])
+def test_fp16_export_runs_close_to_torch_fp32(exported: dict[str, Path], loss: str) -> None:
+    """onnxruntime on the FP16 export is within FP16 rounding of torch FP32, but not equal
+    (it really computes in FP16), for batches of 1 and 5."""
+    diff = verify_onnx(exported[loss], precision="fp16")
+    assert 1e-6 < diff <= 1e-2
+    backend = OnnxBackend(load_bundle(exported[loss]), threads=1, precision="fp16")
+    assert backend.infer(tiles(2)).dtype == np.float32
+    backend.close()
+
+
+def test_fp16_export_tampered_or_missing_is_refused(
+    exported: dict[str, Path], tmp_path: Path
+) -> None:
+    """The FP16 file has its own checksum: tampering with it, or a bundle exported before
+    FP16 exports existed (no record), is refused with the command that fixes it."""
+    bundle_dir = copy_bundle(exported["ssim"], tmp_path / "b")
+    bundle = load_bundle(bundle_dir)
+    assert checked_onnx_path(bundle, fp16=True) == bundle_dir / ONNX_FP16_FILE
+    with (bundle_dir / ONNX_FP16_FILE).open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ModelError, match=r"does not match.*linescan export --model"):
+        checked_onnx_path(bundle, fp16=True)
+    assert checked_onnx_path(bundle) == bundle_dir / ONNX_FILE  # the FP32 file is still fine
+    from linescan.model.bundle import update_meta
+
+    update_meta(bundle_dir, onnx_fp16_sha256=None)
+    with pytest.raises(ModelError, match=r"not recorded.*linescan export --model"):
+        checked_onnx_path(bundle, fp16=True)
+
+
+def test_fp16_record_survives_other_metadata_changes(
+    exported: dict[str, Path], tmp_path: Path
+) -> None:
+    """bundle.json round-trips the FP16 record (e.g. through a re-calibration)."""
+    bundle_dir = copy_bundle(exported["ssim"], tmp_path / "b")
+    from linescan.model.bundle import update_meta
+
+    before = read_meta(bundle_dir)
+    update_meta(bundle_dir, threshold=0.5)
+    after = read_meta(bundle_dir)
+    assert after.onnx_fp16_sha256 == before.onnx_fp16_sha256 is not None
+    assert after.onnx_sha256 == before.onnx_sha256
+
+
 def test_create_backend_selects_onnxruntime(exported: dict[str, Path]) -> None:
     """The config name 'onnxruntime' gives the ONNX backend, with the bundle's output shape."""
     backend = create_backend(load_bundle(exported["ssim"]), "onnxruntime", threads=1)
@@ -160,5 +238,7 @@ def test_cli_export(tmp_path: Path) -> None:
         check=False,
     )
     assert run.returncode == 0, run.stderr
-    assert "max |diff|" in run.stdout
+    assert "onnxruntime fp32 export vs torch fp32" in run.stdout
+    assert "onnxruntime fp16 export vs torch fp32" in run.stdout
     assert read_meta(bundle).onnx_sha256 == sha256_file(bundle / ONNX_FILE)
+    assert read_meta(bundle).onnx_fp16_sha256 == sha256_file(bundle / ONNX_FP16_FILE)

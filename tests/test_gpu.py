@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import cv2
@@ -22,7 +24,13 @@ import pytest
 import torch
 
 from linescan.backends import create_backend
-from linescan.backends.cuda_residual import KERNEL_FILE, KERNELS
+from linescan.backends.cuda_residual import (
+    ARG_TYPES,
+    KERNEL_FILE,
+    KERNELS,
+    find_nvcc,
+    kernel_cache_dir,
+)
 from linescan.backends.torch_cpu import TorchBackend
 from linescan.engine_cache import (
     EngineKey,
@@ -36,7 +44,7 @@ from linescan.engine_cache import (
     why_not_usable,
 )
 from linescan.errors import EngineError
-from linescan.model.bundle import BundleMeta, build_module, load_bundle, save_bundle
+from linescan.model.bundle import BundleMeta, build_module, load_bundle, read_meta, save_bundle
 from linescan.residual import ssim_residual
 from linescan.ssim import SSIMParams
 
@@ -89,6 +97,61 @@ def test_kernel_compiles_to_ptx(tmp_path: Path, arch: list[str]) -> None:
         assert f".entry {name}(" in ptx
     if arch:
         assert ".target sm_90" in ptx
+
+
+PTX_PARAM = {"P": ".u64", "i": ".u32", "f": ".f32"}
+
+
+@needs_nvcc
+def test_kernel_entry_points_match_the_loader(tmp_path: Path) -> None:
+    """What the pycuda loader looks up and passes is what the kernel file defines: unmangled
+    entry points and ``c_window`` in the cubin (built with the loader's own options), and each
+    entry point's PTX parameters in the order and widths of ``ARG_TYPES``."""
+    assert NVCC is not None
+    cubin = tmp_path / "kernel.cubin"
+    run = subprocess.run(
+        [NVCC, "--cubin", "-arch=sm_90", "-DLS_RADIUS=5", "-lineinfo", "-o", str(cubin),
+         str(KERNEL_FILE)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    blob = cubin.read_bytes()
+    for name in [*KERNELS.values(), "c_window"]:
+        assert b"\0" + name.encode() + b"\0" in blob, name
+    assert nvcc_ptx(tmp_path, "-arch=sm_90").returncode == 0
+    ptx = (tmp_path / "kernel.ptx").read_text()
+    want = [PTX_PARAM[c] for c in ARG_TYPES]
+    for name in KERNELS.values():
+        body = ptx.split(f".entry {name}(", 1)[1].split(")", 1)[0]
+        got = re.findall(r"\.param\s+(\.\w+)", body)
+        assert got == want, name
+
+
+def test_nvcc_is_found_off_the_path(tmp_path: Path) -> None:
+    """A systemd service's PATH has no CUDA directory: nvcc is found via $CUDA_HOME."""
+    fake = tmp_path / "cuda" / "bin" / "nvcc"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    empty = str(tmp_path / "nothing")
+    assert find_nvcc({"PATH": empty, "CUDA_HOME": str(tmp_path / "cuda")}) == str(fake)
+    assert find_nvcc({"PATH": str(fake.parent)}) == str(fake)
+    if not Path("/usr/local/cuda/bin/nvcc").exists():
+        assert find_nvcc({"PATH": empty}) is None
+
+
+def test_kernel_cache_dir_is_writable_or_off(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The compiled kernel is cached beside the engines; an unwritable place turns caching off
+    (compile at every start) instead of failing the daemon's start."""
+    monkeypatch.setenv("LINESCAN_ENGINES", str(tmp_path / "engines"))
+    assert kernel_cache_dir() == str(tmp_path / "engines" / "kernels")
+    assert (tmp_path / "engines" / "kernels").is_dir()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("LINESCAN_ENGINES", str(blocker / "engines"))  # below a plain file
+    assert kernel_cache_dir() is False
 
 
 @needs_nvcc
@@ -455,13 +518,56 @@ def test_timing_cache_is_per_gpu_and_version(tmp_path: Path) -> None:
 def test_engines_dir_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """$LINESCAN_ENGINES overrides the default engine directory."""
     monkeypatch.setenv("LINESCAN_ENGINES", str(tmp_path))
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
     assert default_engines_dir() == tmp_path
+
+
+def test_engines_dir_under_systemd(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Under the shipped unit (StateDirectory=linescan, ProtectSystem=strict) the install tree
+    is read-only, so engines are built into $STATE_DIRECTORY/engines, beside the journal."""
+    monkeypatch.delenv("LINESCAN_ENGINES", raising=False)
+    monkeypatch.setenv("STATE_DIRECTORY", f"{tmp_path}:/var/lib/other")
+    assert default_engines_dir() == tmp_path / "engines"
+    monkeypatch.delenv("STATE_DIRECTORY")
+    assert default_engines_dir() != tmp_path / "engines"
 
 
 # --------------------------------------------------------------------------- missing extras
 
 
 needs_no_tensorrt = pytest.mark.skipif(has_module("tensorrt"), reason="tensorrt is installed")
+
+
+def trt_like(version: str, **attrs: Any) -> Any:
+    """The two TensorRT module attributes the build's version logic reads, for one release."""
+    flags = SimpleNamespace(STRONGLY_TYPED=1)
+    return SimpleNamespace(__version__=version, NetworkDefinitionCreationFlag=flags, **attrs)
+
+
+@pytest.mark.parametrize(
+    ("version", "flags"), [("10.13.0.35", 1 << 1), ("11.4.0.106", 0), ("12.0.0", 0)]
+)
+def test_network_is_strongly_typed_on_every_tensorrt(version: str, flags: int) -> None:
+    """TensorRT 10 is asked for a strongly typed network (precision from the ONNX file, as
+    TensorRT 11 always does); 11+ gets no flag, since it deprecated and ignores it."""
+    from linescan.backends.tensorrt import network_flags
+
+    assert network_flags(trt_like(version)) == flags
+
+
+def test_fp16_resolution_without_the_removed_query() -> None:
+    """TensorRT 11 dropped ``platform_has_fast_fp16``: auto and fp16 still mean FP16 there;
+    a TensorRT 10 GPU without fast FP16 builds FP32; fp32 is always FP32."""
+    from linescan.backends.tensorrt import resolve_fp16
+
+    trt11_builder = SimpleNamespace()
+    assert resolve_fp16("auto", trt11_builder) is True
+    assert resolve_fp16("fp16", trt11_builder) is True
+    assert resolve_fp16("fp32", trt11_builder) is False
+    slow = SimpleNamespace(platform_has_fast_fp16=False)
+    assert resolve_fp16("auto", slow) is False
+    with pytest.raises(EngineError, match="precision must be one of"):
+        resolve_fp16("int8", trt11_builder)
 
 
 @needs_no_tensorrt
@@ -645,6 +751,25 @@ def test_tensorrt_matches_cpu(trt_ready: dict[str, Path], tmp_path: Path, loss: 
     for b in (1, 5, 16, 40):  # 40 runs as three chunks with two in flight
         x = rng.random((b, 1, PATCH, PATCH), dtype=np.float32)
         assert np.abs(backend.infer(x) - cpu_reference(trt_ready[loss], x)).max() <= 1e-4
+    backend.close()
+
+
+@pytest.mark.gpu
+def test_tensorrt_fp16_engine_from_fp16_export(trt_ready: dict[str, Path], tmp_path: Path) -> None:
+    """The FP16 engine is built from model.fp16.onnx (strongly typed: TensorRT 11 has no FP16
+    flag), keyed by that file's checksum, and lands within FP16 rounding of the CPU."""
+    from linescan.backends.tensorrt import TensorRTBackend
+
+    bundle = load_bundle(trt_ready["ssim"])
+    backend = TensorRTBackend(
+        bundle, precision="fp16", max_batch=8, opt_batch=8, engines_dir=tmp_path
+    )
+    assert backend.precision == "fp16"
+    side = json.loads(sidecar_path(backend.engine_path).read_text())
+    assert side["key"]["onnx_sha256"] == read_meta(trt_ready["ssim"]).onnx_fp16_sha256
+    x = np.random.default_rng(10).random((8, 1, PATCH, PATCH), dtype=np.float32)
+    diff = np.abs(backend.infer(x) - cpu_reference(trt_ready["ssim"], x)).max()
+    assert 0 < diff <= 1e-2
     backend.close()
 
 

@@ -246,6 +246,7 @@ def step_export(rep: Report, bundles: dict[str, Path]) -> None:
     for name, path in bundles.items():
         export_onnx(path)
         out[name] = verify_onnx(path)
+        out[f"{name}_fp16_export"] = verify_onnx(path, precision="fp16")
 
 
 def set_threshold(bundles: dict[str, Path]) -> float:

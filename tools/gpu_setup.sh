@@ -7,6 +7,10 @@
 #
 # Every step reports ok or FAILED and the script goes on: gpu_check.py verifies whatever got
 # installed and says exactly what could not be checked. Set PYTHON to choose the interpreter.
+#
+# Offline (no package index reachable, e.g. a lent GPU machine): run tools/gpu_wheels.sh where
+# PyPI is reachable first; with .whl/ present this script installs from it alone, and
+# gpu_check.py imports linescan from this checkout (no install of linescan itself needed).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
@@ -46,16 +50,27 @@ if ! command -v nvcc >/dev/null; then
 fi
 command -v nvcc && nvcc --version | tail -1
 
-step "linescan[dev]" "$PY" -m pip install -e ".[dev]"
-step "pycuda" "$PY" -m pip install "pycuda>=2024.1"
-# The tensorrt meta-package pulls the wheels for the CUDA major version it targets; fall back
-# to the CUDA 12 build, which runs on any driver that runs CUDA 12.
-if ! step "tensorrt" "$PY" -m pip install "tensorrt>=10"; then
-    step "tensorrt-cu12" "$PY" -m pip install "tensorrt-cu12>=10"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    echo "== offline: installing .whl/ (from tools/gpu_wheels.sh) without an index"
+    # Installed one by one: a wheel for another Python or platform fails alone, not the rest.
+    for whl in .whl/*.whl; do
+        step "$(basename "$whl")" "$PY" -m pip install -q --no-index --no-deps --no-cache-dir \
+            "$whl" || true
+    done
+    echo "   TensorRT is not carried (a multi-GB download from pypi.nvidia.com): trying it online"
+    step "tensorrt" "$PY" -m pip install -q --timeout 5 --retries 0 "tensorrt>=10" || true
+else
+    step "linescan[dev]" "$PY" -m pip install -e ".[dev]"
+    step "pycuda" "$PY" -m pip install "pycuda>=2024.1"
+    # The tensorrt meta-package pulls the wheels for the CUDA major version it targets; fall
+    # back to the CUDA 12 build, which runs on any driver that runs CUDA 12.
+    if ! step "tensorrt" "$PY" -m pip install "tensorrt>=10"; then
+        step "tensorrt-cu12" "$PY" -m pip install "tensorrt-cu12>=10"
+    fi
 fi
 
 echo "== imports"
-for mod in torch onnx onnxruntime pycuda.driver tensorrt; do
+for mod in torch onnx onnxruntime zmq structlog pydantic pycuda.driver tensorrt; do
     "$PY" -c "import $mod" 2>/dev/null && echo "   $mod: ok" || echo "   $mod: NOT importable"
 done
 if [ ${#failed[@]} -gt 0 ]; then

@@ -7,8 +7,12 @@ the camera's uint8/uint16 pixels with the bundle's normalisation ``scale``, or f
 input with scale 1.
 
 pycuda and the CUDA driver are imported only when this class is built, so ``import linescan``
-never needs them. The kernel is compiled at first use with the CUDA toolkit's ``nvcc`` (pycuda
-caches the binary), with the window radius fixed at compile time so every loop unrolls.
+never needs them. The kernel is compiled at first use with the CUDA toolkit's ``nvcc``, with
+the window radius fixed at compile time so every loop unrolls. ``nvcc`` is looked for on the
+PATH, then in ``$CUDA_HOME``/``$CUDA_PATH``/``$CUDA_ROOT`` and ``/usr/local/cuda`` (a systemd
+service's PATH has no CUDA directory); the compiled binary is cached beside the TensorRT
+engines (``$STATE_DIRECTORY/engines/kernels`` under the shipped unit, whose home directory is
+not writable), or not cached where that is not writable.
 
 CUDA contexts: everything runs in the device's *primary* context, the one torch and TensorRT
 use too, pushed around each call; so the class may be built on one thread and used on another.
@@ -17,6 +21,8 @@ use too, pushed around each call; so the class may be built on one thread and us
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +43,9 @@ KERNELS: dict[np.dtype[Any], str] = {
     np.dtype(np.uint16): "ssim_residual_u16",
     np.dtype(np.float32): "ssim_residual_f32",
 }
+# The kernels' parameters in pycuda's ``prepare`` notation: x, recon, out pointers; height,
+# width and the three pitches; scale, data_range / 2, C1, C2 (see ssim_residual.cu).
+ARG_TYPES = "PPPiiiiiffff"
 BLOCK = (32, 8, 1)
 TILE = 32
 MAX_RADIUS = 10  # 48 KiB of shared memory holds a 32 x 32 tile with this apron
@@ -111,27 +120,61 @@ class CudaContext:
 
 
 _compile_lock = threading.Lock()
+CUDA_ROOT_VARS = ("CUDA_HOME", "CUDA_PATH", "CUDA_ROOT")
 
 
-def compile_module(radius: int, cache_dir: str | None = None) -> Any:
-    """Compile the kernel for one window radius in the current context (pycuda caches it)."""
+def find_nvcc(environ: dict[str, str] | None = None) -> str | None:
+    """The CUDA toolkit's nvcc: on the PATH, else under $CUDA_HOME/$CUDA_PATH/$CUDA_ROOT or
+    /usr/local/cuda; None when there is none."""
+    env = os.environ if environ is None else environ
+    found = shutil.which("nvcc", path=env.get("PATH", os.defpath))
+    if found:
+        return found
+    roots = [env.get(v, "") for v in CUDA_ROOT_VARS] + ["/usr/local/cuda"]
+    for root in roots:
+        candidate = Path(root) / "bin" / "nvcc"
+        if root and candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def kernel_cache_dir() -> str | bool:
+    """Where pycuda caches the compiled kernel: ``kernels/`` in the engines directory, or
+    False (no cache: compile at every start) where that cannot be written."""
+    from linescan.engine_cache import default_engines_dir
+
+    path = default_engines_dir() / "kernels"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return str(path) if os.access(path, os.W_OK) else False
+
+
+def compile_module(radius: int, cache_dir: str | bool | None = None) -> Any:
+    """Compile the kernel for one window radius in the current context (cached, see above)."""
     try:
         from pycuda.compiler import SourceModule
     except ImportError as exc:
         raise EngineError(f"the CUDA path needs pycuda: {GPU_HINT}") from exc
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise EngineError(
+            f"cannot compile {KERNEL_FILE.name}: no nvcc on the PATH, in $CUDA_HOME/bin or in "
+            "/usr/local/cuda/bin; install the CUDA toolkit or set CUDA_HOME"
+        )
     source = KERNEL_FILE.read_text(encoding="utf-8")
     try:
         with _compile_lock:
             return SourceModule(
                 source,
+                nvcc=nvcc,
                 options=[f"-DLS_RADIUS={radius}", "-lineinfo"],
                 no_extern_c=True,  # the file declares its own extern "C" entry points
-                cache_dir=cache_dir,
+                cache_dir=kernel_cache_dir() if cache_dir is None else cache_dir,
             )
-    except Exception as exc:  # pycuda.driver.CompileError, or OSError when nvcc is missing
-        raise EngineError(
-            f"cannot compile {KERNEL_FILE.name} (needs the CUDA toolkit's nvcc on the PATH): {exc}"
-        ) from exc
+    except Exception as exc:  # pycuda.driver.CompileError, or OSError from the cache or nvcc
+        raise EngineError(f"cannot compile {KERNEL_FILE.name} with {nvcc}: {exc}") from exc
 
 
 class CudaResidual:
@@ -141,7 +184,10 @@ class CudaResidual:
     """
 
     def __init__(
-        self, params: SSIMParams = SSIMParams(), device: int = 0, cache_dir: str | None = None
+        self,
+        params: SSIMParams = SSIMParams(),
+        device: int = 0,
+        cache_dir: str | bool | None = None,
     ) -> None:
         if params.radius > MAX_RADIUS:
             raise EngineError(
@@ -159,7 +205,7 @@ class CudaResidual:
                 self._functions = {}
                 for dtype, name in KERNELS.items():
                     fn = module.get_function(name)
-                    fn.prepare("PPPiiiiiffff")
+                    fn.prepare(ARG_TYPES)
                     self._functions[dtype] = fn
                 ptr, size = module.get_global("c_window")
                 weights = params.kernel().astype(np.float32)

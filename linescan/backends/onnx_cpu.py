@@ -16,18 +16,20 @@ import numpy as np
 
 from linescan.backends import F32
 from linescan.errors import EngineError, ModelError
-from linescan.model.bundle import ONNX_FILE, Bundle, read_meta, sha256_file
+from linescan.model.bundle import ONNX_FILE, ONNX_FP16_FILE, Bundle, read_meta, sha256_file
 
 ONNX_HINT = "pip install 'linescan[onnx]'"
 
 
-def checked_onnx_path(bundle: Bundle) -> Path:
-    """``BUNDLE/model.onnx`` after checking it is the export recorded for these weights.
+def checked_onnx_path(bundle: Bundle, fp16: bool = False) -> Path:
+    """The bundle's ONNX export (``model.onnx``, or ``model.fp16.onnx`` with ``fp16``) after
+    checking it is the export recorded for these weights.
 
     The metadata is read again from disk: ``linescan export`` may have run after the bundle
     was loaded, and its record (not the one in memory) says which file is current.
     """
-    path = bundle.path / ONNX_FILE
+    name = ONNX_FP16_FILE if fp16 else ONNX_FILE
+    path = bundle.path / name
     fix = f"run `linescan export --model {bundle.path}`"
     meta = read_meta(bundle.path)
     if meta.weights_sha256 != bundle.meta.weights_sha256:
@@ -35,12 +37,13 @@ def checked_onnx_path(bundle: Bundle) -> Path:
             f"model bundle {bundle.path} changed on disk since it was loaded; reload it"
         )
     if not path.is_file():
-        raise ModelError(f"model bundle {bundle.path} has no {ONNX_FILE}: {fix}")
-    if meta.onnx_sha256 is None:
+        raise ModelError(f"model bundle {bundle.path} has no {name}: {fix}")
+    recorded = meta.onnx_fp16_sha256 if fp16 else meta.onnx_sha256
+    if recorded is None or meta.onnx_sha256 is None:
         raise ModelError(
             f"{path} is not recorded in {bundle.path}/bundle.json (stale or foreign export): {fix}"
         )
-    if sha256_file(path) != meta.onnx_sha256:
+    if sha256_file(path) != recorded:
         raise ModelError(
             f"{path} does not match the checksum in bundle.json (stale, corrupt or tampered "
             f"export); refusing to load it: {fix}"
@@ -49,12 +52,20 @@ def checked_onnx_path(bundle: Bundle) -> Path:
 
 
 class OnnxBackend:
-    """The ONNX export on onnxruntime's CPU provider, ``threads`` intra-op threads."""
+    """The ONNX export on onnxruntime's CPU provider, ``threads`` intra-op threads.
 
-    def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
+    ``precision="fp16"`` runs the FP16 export (what FP16 TensorRT engines are built from); on a
+    CPU it is slower than FP32 and exists to check that file, not to serve with.
+    """
+
+    def __init__(self, bundle: Bundle, threads: int | None = None, precision: str = "fp32") -> None:
         self.name = "onnxruntime"
-        self.precision = "fp32"
-        path = checked_onnx_path(bundle)
+        if precision not in ("fp32", "fp16"):
+            raise EngineError(
+                f"onnxruntime backend: precision must be fp32 or fp16, not {precision!r}"
+            )
+        self.precision = precision
+        path = checked_onnx_path(bundle, fp16=precision == "fp16")
         try:
             import onnxruntime as ort
         except ImportError as exc:

@@ -1,9 +1,12 @@
 """The TensorRT backend: an engine built from the bundle's ONNX export, run with pycuda.
 
 Building (``build_engine``, ``linescan build-engine``, or the backend on first start): the
-ONNX export (checked against its recorded sha256) is parsed into an explicit-batch network,
-given one optimisation profile over the batch (min 1, opt, max), FP16 when asked and the GPU
-has fast FP16, and built with a timing cache kept beside the engines so rebuilds are quick.
+ONNX export (checked against its recorded sha256) is parsed into a strongly typed network,
+given one optimisation profile over the batch (min 1, opt, max), and built with a timing cache
+kept beside the engines so rebuilds are quick. Precision comes from the graph, not from builder
+flags: TensorRT 11 builds only strongly typed networks and has no FP16 flag, so an FP16 engine
+is built from the bundle's FP16 export (``model.fp16.onnx``, FP16 inside, FP32 at the
+boundary), and TensorRT 10 is asked for the same strongly typed build.
 The plan is filed under a key over everything it depends on (``linescan.engine_cache``); a
 stale or foreign engine is rebuilt, never loaded.
 
@@ -114,7 +117,11 @@ def trt_logger() -> Any:
 
 
 def resolve_fp16(precision: str, builder: Any) -> bool:
-    """Whether to build with FP16: asked for (``fp16``, or ``auto``) and fast on this GPU."""
+    """Whether to build with FP16: asked for (``fp16``, or ``auto``) and fast on this GPU.
+
+    TensorRT 11 dropped ``platform_has_fast_fp16`` (every GPU it supports has fast FP16);
+    where the attribute is missing the answer is yes.
+    """
     if precision not in PRECISIONS:
         raise EngineError(
             f"TensorRT backend: precision must be one of {PRECISIONS}, got {precision!r}"
@@ -142,13 +149,24 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def network_flags(trt: Any) -> int:
+    """``create_network`` flags for a strongly typed network on this TensorRT.
+
+    TensorRT 11 networks are always strongly typed (the flag remains, deprecated and ignored);
+    TensorRT 10 needs the flag, or it would pick layer precisions itself.
+    """
+    if int(str(trt.__version__).split(".")[0]) >= 11:
+        return 0
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
 def _build(trt: Any, bundle: Bundle, onnx: Path, key: EngineKey, engines_dir: Path) -> bytes:
     """Parse the ONNX export and build a serialised engine for ``key`` (context current)."""
     logger = trt_logger()
     p = bundle.meta.patch
     with _guard("engine build"):
         builder = trt.Builder(logger)
-        network = builder.create_network(0)  # TensorRT 10: always explicit batch
+        network = builder.create_network(network_flags(trt))
         parser = trt.OnnxParser(network, logger)
         if not parser.parse(onnx.read_bytes()):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -159,15 +177,10 @@ def _build(trt: Any, bundle: Bundle, onnx: Path, key: EngineKey, engines_dir: Pa
         name = network.get_input(0).name
         profile.set_shape(name, (1, 1, p, p), (key.opt_batch, 1, p, p), (key.max_batch, 1, p, p))
         config.add_optimization_profile(profile)
-        if key.fp16:
-            with warnings.catch_warnings():
-                # Newer TensorRT 10 releases prefer strongly typed networks and deprecate the
-                # flag; it still builds mixed-precision engines, which is what is asked here.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                config.set_flag(trt.BuilderFlag.FP16)
-        else:
-            # TensorRT allows TF32 (a 10-bit mantissa) by default; "fp32" means fp32 here, so
-            # the engine agrees with the CPU within 1e-4 and fp16 stays the explicit fast path.
+        if not key.fp16 and hasattr(trt.BuilderFlag, "TF32"):
+            # TensorRT allows TF32 (a 10-bit mantissa) for FP32 convolutions by default; "fp32"
+            # means fp32 here, so the engine agrees with the CPU within 1e-4 and FP16 (from
+            # the FP16 export) stays the explicit fast path.
             config.clear_flag(trt.BuilderFlag.TF32)
         timing = timing_cache_path(engines_dir, key)
         engines_dir.mkdir(parents=True, exist_ok=True)
@@ -203,12 +216,13 @@ def ensure_engine(
     """The engine for this bundle, GPU and flags: from the cache, else built (context current)."""
     if not 1 <= opt_batch <= max_batch:
         raise EngineError(f"need 1 <= --opt-batch <= --max-batch, got {opt_batch} and {max_batch}")
-    onnx = checked_onnx_path(bundle)
-    onnx_sha = read_meta(bundle.path).onnx_sha256  # the record checked_onnx_path just used
-    if onnx_sha is None:  # pragma: no cover - checked_onnx_path refuses this
-        raise ModelError(f"{onnx} has no recorded checksum")
     with _guard("builder start"):
         fp16 = resolve_fp16(precision, trt.Builder(trt_logger()))
+    onnx = checked_onnx_path(bundle, fp16=fp16)
+    meta = read_meta(bundle.path)  # the record checked_onnx_path just used
+    onnx_sha = meta.onnx_fp16_sha256 if fp16 else meta.onnx_sha256
+    if onnx_sha is None:  # pragma: no cover - checked_onnx_path refuses this
+        raise ModelError(f"{onnx} has no recorded checksum")
     key = EngineKey(
         onnx_sha256=onnx_sha,
         tensorrt_version=str(trt.__version__),

@@ -6,6 +6,8 @@
                       calibrated, the training data summary and command line, weight checksums
       weights.pt      a plain ``state_dict`` of tensors, read with ``torch.load(weights_only=True)``
       model.onnx      (optional, ``linescan export``) the same network with a dynamic batch axis
+      model.fp16.onnx (optional, with model.onnx) the same in FP16 with FP32 inputs and outputs,
+                      what strongly typed TensorRT builds FP16 engines from
 
 Safety: nothing here unpickles arbitrary objects. ``weights_only=True`` restricts the unpickler
 to tensors and plain containers, and before that the file's SHA-256 must equal the one in
@@ -38,6 +40,7 @@ FORMAT_VERSION = 1
 META_FILE = "bundle.json"
 WEIGHTS_FILE = "weights.pt"
 ONNX_FILE = "model.onnx"
+ONNX_FP16_FILE = "model.fp16.onnx"
 
 Loss = Literal["ssim", "l2", "vae", "fm"]
 LOSSES: tuple[Loss, ...] = ("ssim", "l2", "vae", "fm")
@@ -60,6 +63,7 @@ class BundleMeta:
     training: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str = ""
     onnx_sha256: str | None = None
+    onnx_fp16_sha256: str | None = None
     created: str = ""
 
     @property
@@ -101,8 +105,16 @@ class BundleMeta:
             },
             "training": self.training,
             "weights": {"file": WEIGHTS_FILE, "sha256": self.weights_sha256},
-            "onnx": {"file": ONNX_FILE, "sha256": self.onnx_sha256} if self.onnx_sha256 else None,
+            "onnx": self._onnx_json(),
         }
+
+    def _onnx_json(self) -> dict[str, Any] | None:
+        if not self.onnx_sha256:
+            return None
+        record: dict[str, Any] = {"file": ONNX_FILE, "sha256": self.onnx_sha256}
+        if self.onnx_fp16_sha256:
+            record["fp16"] = {"file": ONNX_FP16_FILE, "sha256": self.onnx_fp16_sha256}
+        return record
 
 
 @dataclass(frozen=True)
@@ -178,6 +190,12 @@ def _get(d: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) 
     if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
         raise ModelError(f"{where}: field {key!r} has the wrong type ({type(v).__name__})")
     return v
+
+
+def _onnx_fp16_sha(onnx: Any) -> str | None:
+    fp16 = onnx.get("fp16") if isinstance(onnx, dict) else None
+    sha = fp16.get("sha256") if isinstance(fp16, dict) else None
+    return sha if isinstance(sha, str) else None
 
 
 def read_meta(path: Path) -> BundleMeta:
@@ -257,6 +275,7 @@ def read_meta(path: Path) -> BundleMeta:
             training=raw.get("training") or {},
             weights_sha256=_get(w, "sha256", str, where + " weights"),
             onnx_sha256=onnx.get("sha256") if isinstance(onnx, dict) else None,
+            onnx_fp16_sha256=_onnx_fp16_sha(onnx),
         )
     except ValueError as exc:  # out-of-range values rejected by the dataclasses
         raise ModelError(f"{where}: {exc}") from exc
