@@ -166,6 +166,13 @@ class Metrics:
         self.engine_errors_total = Counter(
             "linescan_engine_errors_total", "Inference backend failures.", registry=registry
         )
+        self.disconnects_total = Counter(
+            "linescan_disconnects_total",
+            "Sender connections that ended, by socket: closed by the sender, a network fault, or "
+            "a message over frames.max_bytes, which ZeroMQ refuses by dropping the connection.",
+            ["socket"],
+            registry=registry,
+        )
         self.auth_failures_total = Counter(
             "linescan_auth_failures_total",
             "Connections refused by CurveZMQ (unauthorised key, plain TCP, wrong server key), "
@@ -207,6 +214,7 @@ class Metrics:
             self.events_published_total.labels(topic)
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures_total.labels("frames", reason)
+        self.disconnects_total.labels("frames")
         for result in ("ok", "error"):
             self.replay_requests_total.labels(result)
         if process:

@@ -348,8 +348,21 @@ _FAILURE_EVENTS: Final[dict[int, str]] = {
 }
 
 
+DISCONNECT_HINT: Final = (
+    "closed by the sender, a network fault, or a message over frames.max_bytes (ZeroMQ "
+    "refuses one by dropping the connection; frames queued behind it on that connection are "
+    "lost and show up as a sequence gap)"
+)
+
+
 class AuthMonitor:
-    """Counts refused handshakes on one socket, from a thread reading its monitor pipe.
+    """Counts refused handshakes on one socket, from a thread reading its monitor pipe; with
+    ``disconnects``, also connections that ended.
+
+    Why disconnects: ZeroMQ enforces MAXMSGSIZE by closing the sender's connection, with no
+    error anywhere else, so an oversized frame (and whatever was queued behind it) would be
+    lost without a trace. ZeroMQ does not say why a connection ended; each one is counted and
+    logged with the possible causes, and the frames lost show up as a sequence gap.
 
     Create it before the socket is handed to its own thread. It ends by itself when the
     socket is closed (ZeroMQ sends MONITOR_STOPPED) or on :meth:`stop`.
@@ -361,14 +374,19 @@ class AuthMonitor:
         socket_name: str,
         metrics: Metrics | None = None,
         on_failure: Callable[[str], None] | None = None,
+        disconnects: bool = False,
     ) -> None:
         self.socket_name = socket_name
         self._metrics = metrics
         self._on_failure = on_failure
         self._lock = threading.Lock()
         self.failures: dict[str, int] = dict.fromkeys(AUTH_FAILURE_REASONS, 0)
+        self.disconnects = 0
         mask = 0
-        for ev in (*_FAILURE_EVENTS, zmq.EVENT_MONITOR_STOPPED):
+        events = [*_FAILURE_EVENTS, zmq.EVENT_MONITOR_STOPPED]
+        if disconnects:
+            events.append(zmq.EVENT_DISCONNECTED)
+        for ev in events:
             mask |= int(ev)
         self._mon: Any = sock.get_monitor_socket(mask)
         self._stop = threading.Event()
@@ -392,6 +410,11 @@ class AuthMonitor:
                 event = int(msg["event"])
                 if event == zmq.EVENT_MONITOR_STOPPED:
                     return
+                endpoint = msg.get("endpoint")
+                where = endpoint.decode() if isinstance(endpoint, bytes) else endpoint
+                if event == zmq.EVENT_DISCONNECTED:
+                    self._disconnected(where)
+                    continue
                 reason = _FAILURE_EVENTS.get(event)
                 if reason is None:
                     continue
@@ -401,16 +424,28 @@ class AuthMonitor:
                     self._metrics.auth_failures_total.labels(self.socket_name, reason).inc()
                 if self._on_failure is not None:
                     self._on_failure(reason)
-                endpoint = msg.get("endpoint")
                 self._throttled.warning(
                     f"auth:{self.socket_name}:{reason}",
                     "connection refused: handshake failed",
                     socket=self.socket_name,
                     reason=reason,
-                    endpoint=endpoint.decode() if isinstance(endpoint, bytes) else endpoint,
+                    endpoint=where,
                 )
         finally:
             mon.close(linger=0)
+
+    def _disconnected(self, endpoint: str | None) -> None:
+        with self._lock:
+            self.disconnects += 1
+        if self._metrics is not None:
+            self._metrics.disconnects_total.labels(self.socket_name).inc()
+        self._throttled.warning(
+            f"disconnect:{self.socket_name}",
+            "sender disconnected",
+            socket=self.socket_name,
+            endpoint=endpoint,
+            possible_causes=DISCONNECT_HINT,
+        )
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()

@@ -343,7 +343,9 @@ class Daemon:
             sock.setsockopt(zmq.SUBSCRIBE, b"")
         if self._curve.frames is not None:
             self._curve.frames(sock)
-            self._auth_monitor = AuthMonitor(sock, "frames", self.metrics)
+        # Always: besides refused handshakes it counts dropped connections, the only trace
+        # ZeroMQ leaves of a message over MAXMSGSIZE.
+        self._auth_monitor = AuthMonitor(sock, "frames", self.metrics, disconnects=True)
         try:
             if fc.bind:
                 sock.bind(fc.endpoint)
@@ -864,6 +866,7 @@ class Daemon:
                 "segments": t.segments,
                 "sequence_gaps": t.gaps,
                 "auth_failures": 0 if self._auth_monitor is None else self._auth_monitor.total(),
+                "disconnects": 0 if self._auth_monitor is None else self._auth_monitor.disconnects,
                 "not_inspected": t.not_inspected,
                 "breaks": t.breaks,
                 "queues": {

@@ -33,6 +33,7 @@ EXPECTED = {
     "linescan_ready": "gauge",
     "linescan_engine_errors": "counter",
     "linescan_auth_failures": "counter",
+    "linescan_disconnects": "counter",
     "linescan_events_journaled": "counter",
     "linescan_journal_errors": "counter",
     "linescan_replay_requests": "counter",

@@ -211,6 +211,45 @@ def test_a_message_over_the_socket_limit_only_cuts_its_sender(context: Context) 
     assert len(run.defects) == 5
 
 
+def test_an_oversized_message_leaves_a_trace(context: Context) -> None:
+    """ZeroMQ refuses a message over MAXMSGSIZE by dropping the connection, silently; the
+    daemon counts that dropped connection (metric, status, a warning), the frames lost with it
+    show up as a sequence gap, and the camera's automatic reconnection carries on."""
+    run = Run(context, config(frames={"max_bytes": 1 << 16}))
+    planner = fuzz.Planner(random.Random(1), limits=FrameLimits(4096, 4096, 1 << 16))
+    cam = context.socket(zmq.PUSH)
+    try:
+        cam.setsockopt(zmq.LINGER, 0)
+        cam.setsockopt(zmq.RECONNECT_IVL, 20)
+        cam.connect(run.daemon.frames_endpoint)
+        for _ in range(2):
+            cam.send_multipart(planner.valid().parts)
+        assert wait(lambda: run.seen() == 2)
+        assert (
+            run.daemon.registry.get_sample_value("linescan_disconnects_total", {"socket": "frames"})
+            == 0.0
+        )
+        big = planner.valid()  # this camera's next frame, far over the limit on the wire
+        cam.send_multipart([big.parts[0], bytes(1 << 20)])
+        assert wait(
+            lambda: run.daemon.registry.get_sample_value(
+                "linescan_disconnects_total", {"socket": "frames"}
+            ) == 1.0
+        )  # fmt: skip
+        time.sleep(0.3)  # the reconnection
+        for _ in range(2):
+            cam.send_multipart(planner.valid().parts)
+        cam.send_multipart(planner.valid(end=True).parts)
+        assert wait(lambda: run.seen() == 5)
+    finally:
+        cam.close(linger=0)
+        final = run.finish()
+    assert final["disconnects"] >= 1
+    assert final["frames_rejected"] == 0
+    assert final["sequence_gaps"] == 1  # the oversized frame's seq never arrived
+    assert final["frames_received"] == final["frames_inspected"] == 5
+
+
 # ----------------------------------------------------------------------------- overload
 
 
