@@ -122,20 +122,42 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
     from linescan.backends import create_backend
-    from linescan.calibrate import calibrate
-    from linescan.data.images import training_images
+    from linescan.calibrate import calibrate, format_points
+    from linescan.data.images import test_samples, training_images
+    from linescan.errors import DataError
     from linescan.model.bundle import load_bundle, update_meta
     from linescan.pipeline import Settings
 
     bundle = load_bundle(a.model)
     paths = training_images(a.data)
+    defects = [s for s in test_samples(a.defects) if s.mask is not None] if a.defects else []
+    if a.defects and not defects:
+        raise DataError(f"{a.defects}: no defect images with ground-truth masks under test/")
     backend = create_backend(bundle, a.backend, a.precision)
     cal = calibrate(
-        paths, bundle.meta, backend, a.rule, a.margin, a.quantile, Settings(stride=a.stride)
+        paths,
+        bundle.meta,
+        backend,
+        a.rule,
+        a.margin,
+        a.quantile,
+        Settings(stride=a.stride, min_area_px=a.min_area),
+        max_alarms_per_mpx=a.max_alarms_per_mpx,
+        defects=defects,
     )
     if not a.dry_run:
         update_meta(a.model, threshold=cal.threshold, calibration=cal.record)
-    print(json.dumps({"threshold": cal.threshold, **cal.record}, indent=2))
+    if a.json:
+        print(json.dumps({"threshold": cal.threshold, **cal.record}, indent=2))
+        return 0
+    print(format_points(cal.record["operating_points"], cal.threshold))
+    stored = "printed only (--dry-run)" if a.dry_run else f"stored in {a.model}/bundle.json"
+    print(
+        f"\nthreshold {cal.threshold:.6g} by rule {cal.record['rule']} on {len(paths)} "
+        f"defect-free image(s)"
+        + (f" and {len(defects)} labelled defect image(s)" if defects else "")
+        + f"; {stored}. `--json` prints the whole record."
+    )
     return 0
 
 
@@ -557,13 +579,30 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="defect-free images (MVTec layout: train/good) or a folder",
     )
-    c.add_argument("--rule", choices=["max-opened", "quantile"], default="max-opened")
+    c.add_argument("--rule", choices=["max-opened", "quantile", "alarm-rate"], default="max-opened")
     c.add_argument("--margin", type=float, default=1.1, help="factor on the max-opened value")
     c.add_argument(
         "--quantile", type=float, default=0.999, help="pixel quantile for --rule quantile"
     )
+    c.add_argument(
+        "--max-alarms-per-mpx",
+        type=float,
+        default=0.1,
+        help="false alarms per megapixel of defect-free web allowed by --rule alarm-rate",
+    )
+    c.add_argument(
+        "--defects",
+        type=Path,
+        default=None,
+        help="labelled defect images (MVTec layout: test/<type>, ground_truth/<type>): the "
+        "table then shows how many defects each threshold finds",
+    )
+    c.add_argument(
+        "--min-area", type=int, default=0, help="ignore regions under this many camera pixels"
+    )
     c.add_argument("--stride", type=int, default=None)
     c.add_argument("--dry-run", action="store_true", help="print, do not store in the bundle")
+    c.add_argument("--json", action="store_true", help="print the whole record as JSON")
     _add_engine_args(c)
     c.set_defaults(func=cmd_calibrate)
 

@@ -268,7 +268,8 @@ class JournalConfig(_Section):
     """Events older than this are pruned (default: one week)."""
     synchronous: Literal["full", "normal"] = "full"
     """``full``: each event is fsynced before it is sent (survives a power cut), one fsync per
-    defect event (about 0.1-7 ms depending on the disk, on the post thread); ``normal``:
+    stitched tile row with defects, however many (about 0.1-7 ms depending on the disk, on the
+    post thread; ``tools/bench_journal.py`` measures it); ``normal``:
     survives a crash or kill of the daemon but maybe not a power cut, and costs ~0.05 ms."""
     replay_endpoint: _Endpoint = "tcp://127.0.0.1:5557"
     """ZeroMQ REP endpoint answering replay requests (bound only while journaling)."""

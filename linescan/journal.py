@@ -12,9 +12,12 @@ both. The post thread writes every defect event here *before* it is sent (see
   and perhaps never sent, keeps its number and is replayable.
 
 Storage: one SQLite file (standard library ``sqlite3``) in WAL mode with ``synchronous=FULL``:
-each event is one committed row, fsynced before it is sent, so neither a killed process nor a
-power cut loses or corrupts it; readers (the replay endpoint) never block the writer. The table
-is ``events(seq INTEGER PRIMARY KEY, topic TEXT, t_publish_ns INTEGER, body TEXT)``, ``body``
+each event is a committed row, fsynced before it is sent, so neither a killed process nor a
+power cut loses or corrupts it. The events found in one stitched tile row are committed
+together (one transaction, one fsync: :meth:`EventJournal.append_many`), so a burst of defects
+costs one disk flush per tile row, not one per event. Readers (the replay endpoint) never
+block the writer. The table is
+``events(seq INTEGER PRIMARY KEY, topic TEXT, t_publish_ns INTEGER, body TEXT)``, ``body``
 being the JSON exactly as sent. The journal is bounded by count (``max_events``) and age
 (``max_age_s``): older rows are pruned every few hundred appends, but the newest row is always
 kept, so ``next_seq`` survives any pruning.
@@ -36,7 +39,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -56,6 +59,8 @@ log = get_logger("linescan.journal")
 
 SCHEMA_VERSION: Final = 1
 PRUNE_EVERY: Final = 256  # appends between two pruning passes
+JournalRow = tuple[int, str, int, str]
+"""``(seq, topic, t_publish_ns, body_json)``: one event as journaled."""
 MAX_PAGE: Final = 1000  # most events one ``since`` call returns
 
 _SCHEMA = """
@@ -172,21 +177,36 @@ class EventJournal:
         Raises ``JournalError`` when the row cannot be written, or when ``seq`` is not above
         every journaled one (a counter that went backwards would make replays ambiguous).
         """
+        self.append_many([(seq, topic, t_publish_ns, body)])
+
+    def append_many(self, rows: Sequence[JournalRow]) -> None:
+        """Store events durably in one transaction: all of them, or (``JournalError``) none."""
+        if not rows:
+            return
         with self._wlock:
             if self._closed:
                 raise JournalError("the event journal is closed")
+            seqs = [r[0] for r in rows]
             try:
-                self._w.execute(
-                    "INSERT INTO events (seq, topic, t_publish_ns, body) VALUES (?, ?, ?, ?)",
-                    (seq, topic, t_publish_ns, body),
-                )
+                self._w.execute("BEGIN IMMEDIATE")
+                try:
+                    self._w.executemany(
+                        "INSERT INTO events (seq, topic, t_publish_ns, body) VALUES (?, ?, ?, ?)",
+                        rows,
+                    )
+                    self._w.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._w.execute("ROLLBACK")
+                    raise
             except sqlite3.IntegrityError as exc:
-                raise JournalError(f"event seq {seq} is already journaled") from exc
+                raise JournalError(f"event seq {seqs} is already journaled") from exc
             except sqlite3.Error as exc:
-                raise JournalError(f"cannot write event {seq} to {self.path}: {exc}") from exc
-            self._next_seq = max(self._next_seq, seq + 1)
-            self._appends += 1
-            due = self._appends % PRUNE_EVERY == 0
+                raise JournalError(f"cannot write events {seqs} to {self.path}: {exc}") from exc
+            self._next_seq = max(self._next_seq, max(seqs) + 1)
+            before = self._appends
+            self._appends += len(rows)
+            due = self._appends // PRUNE_EVERY > before // PRUNE_EVERY
         if due:
             self.prune()
 
@@ -283,28 +303,31 @@ class EventJournal:
 
 
 class JournalHook:
-    """``(seq, topic, t_publish_ns, body) -> None`` for ``EventPublisher(journal=...)``."""
+    """``(rows) -> None`` for ``EventPublisher(journal=...)``: one transaction per call."""
 
     def __init__(self, journal: EventJournal, on_result: Callable[[bool], None] | None) -> None:
         self.journal = journal
         self._on_result = on_result
         self._throttled = RateLimitedLogger(log, interval_s=10.0)
 
-    def __call__(self, seq: int, topic: str, t_publish_ns: int, body: str) -> None:
+    def __call__(self, rows: Sequence[JournalRow]) -> None:
         try:
-            self.journal.append(seq, topic, t_publish_ns, body)
+            self.journal.append_many(rows)
         except JournalError as exc:
             self._throttled.error(
                 "journal-write",
-                "event not journaled; it is still published",
-                seq=seq,
+                "events not journaled; they are still published",
+                seqs=[r[0] for r in rows],
                 error=str(exc),
             )
-            if self._on_result is not None:
-                self._on_result(False)
+            self._report(False, len(rows))
             return
+        self._report(True, len(rows))
+
+    def _report(self, ok: bool, n: int) -> None:
         if self._on_result is not None:
-            self._on_result(True)
+            for _ in range(n):
+                self._on_result(ok)
 
 
 def default_journal_path(environ: Mapping[str, str] | None = None) -> Path | None:

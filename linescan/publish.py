@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
@@ -75,8 +75,9 @@ class EventPublisher:
 
     ``next_seq`` is the ``seq`` the first defect event gets (a restart that persisted its
     counter passes it back in). ``linger_ms`` bounds how long :meth:`close` waits to flush.
-    ``journal(seq, topic, t_publish_ns, body_json)`` is called for each defect event after it
-    is numbered and encoded and before it is sent (the durable journal's hook). ``configure``
+    ``journal(rows)`` is called with the ``(seq, topic, t_publish_ns, body_json)`` rows of the
+    defect events of one call after they are numbered and encoded and before any is sent (the
+    durable journal's hook: one transaction per call, see :meth:`publish_many`). ``configure``
     sets socket options (CurveZMQ) before the bind.
     """
 
@@ -89,7 +90,7 @@ class EventPublisher:
         next_seq: int = 0,
         linger_ms: int = 1000,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
-        journal: Callable[[int, str, int, str], None] | None = None,
+        journal: Callable[[list[tuple[int, str, int, str]]], None] | None = None,
         configure: Callable[[zmq.Socket[bytes]], None] | None = None,
     ) -> None:
         if next_seq < 0:
@@ -127,39 +128,61 @@ class EventPublisher:
         Never blocks: past the high-water mark PUB drops, and subscribers see the gap.
         Raises ValueError for an unknown topic, a payload using a reserved key, or NaN/inf.
         """
+        return self.publish_many(topic, [payload])[0]
+
+    def publish_many(self, topic: str, payloads: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Number, stamp and send several events of one topic, journaled together.
+
+        All of them are encoded before any is journaled or sent, so a payload that fails
+        (ValueError, as for :meth:`publish`) leaves no gap in the numbering; the defect events
+        are journaled in one call (one transaction, one fsync) before the first is sent.
+        """
         if topic not in TOPICS:
             raise ValueError(f"topic must be one of {TOPICS}, not {topic!r}")
-        clash = RESERVED_KEYS.intersection(payload)
-        if clash:
-            raise ValueError(f"payload must not set {sorted(clash)}: the publisher assigns them")
+        for payload in payloads:
+            clash = RESERVED_KEYS.intersection(payload)
+            if clash:
+                raise ValueError(
+                    f"payload must not set {sorted(clash)}: the publisher assigns them"
+                )
+        if not payloads:
+            return []
+        numbers: list[int] = []
         with self._lock:
             if self._socket is None:
                 raise RuntimeError("EventPublisher is closed")
-            body: dict[str, Any] = {"v": WIRE_VERSION}
-            if topic == "defect":
-                number = self._next_seq
-                body["seq"] = number
-            else:
-                number = self._next_status_seq
-                body["status_seq"] = number
-                body["last_seq"] = self._next_seq - 1 if self._next_seq > 0 else None
-            body.update(payload)
-            body["t_publish_ns"] = time.time_ns()
-            parts = encode_event(topic, body)
+            messages: list[list[bytes]] = []
+            rows: list[tuple[int, str, int, str]] = []
+            for i, payload in enumerate(payloads):
+                body: dict[str, Any] = {"v": WIRE_VERSION}
+                if topic == "defect":
+                    number = self._next_seq + i
+                    body["seq"] = number
+                else:
+                    number = self._next_status_seq + i
+                    body["status_seq"] = number
+                    body["last_seq"] = self._next_seq - 1 if self._next_seq > 0 else None
+                body.update(payload)
+                body["t_publish_ns"] = time.time_ns()
+                parts = encode_event(topic, body)
+                messages.append(parts)
+                numbers.append(number)
+                rows.append((number, topic, body["t_publish_ns"], parts[1].decode("utf-8")))
             if topic == "defect" and self._journal is not None:
-                # Durable before it is sent: a crash between the two leaves a replayable event
-                # whose seq is never reused (journal.py).
-                self._journal(number, topic, body["t_publish_ns"], parts[1].decode("utf-8"))
-            # Counters move only once the body encodes: a failed event must not leave a gap
+                # Durable before they are sent: a crash between the two leaves replayable
+                # events whose seqs are never reused (journal.py).
+                self._journal(rows)
+            # Counters move only once every body encodes: a failed event must not leave a gap
             # that subscribers would read as a lost message.
-            self._socket.send_multipart(parts)
+            for parts in messages:
+                self._socket.send_multipart(parts)
             if topic == "defect":
-                self._next_seq += 1
+                self._next_seq += len(messages)
             else:
-                self._next_status_seq += 1
+                self._next_status_seq += len(messages)
         if self._metrics is not None:
-            self._metrics.events_published_total.labels(topic).inc()
-        return number
+            self._metrics.events_published_total.labels(topic).inc(len(numbers))
+        return numbers
 
     def close(self) -> None:
         """Close the socket, waiting up to ``linger_ms`` for queued events; idempotent."""

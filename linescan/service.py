@@ -746,9 +746,9 @@ class Daemon:
             for fi in waiting:
                 self._count_frame(fi, inspected=False, why=why, reason="short")
             waiting.clear()
-        for r in regions:
-            if r.area_px >= self.config.inspection.min_area_px:
-                self._publish_defect(cam, job.segment, r)
+        found = [r for r in regions if r.area_px >= self.config.inspection.min_area_px]
+        if found:
+            self._publish_defects(cam, job.segment, found)
         if job.end:
             trackers.pop(cam, None)
 
@@ -817,35 +817,44 @@ class Daemon:
                 return fi
         return None
 
-    def _publish_defect(self, camera: str, segment: int, r: Region) -> None:
+    def _publish_defects(self, camera: str, segment: int, regions: list[Region]) -> None:
+        """The events of one stitched tile row: journaled together (one fsync), then sent."""
         if self.publisher is None:
             raise RuntimeError("publisher not started")
-        fi = self._frame_of_line(camera, r.line_end - 1)
-        t_cap = None if fi is None else fi.t_capture_ns
-        t_ref = t_cap if t_cap is not None else (None if fi is None else fi.t_receive_ns)
+        payloads = []
+        latencies: list[float | None] = []
         now = time.time_ns()
-        latency_ms = None if t_ref is None else (now - t_ref) / 1e6
-        payload = {
-            "camera": camera,
-            "segment": segment,
-            **r.to_dict(),
-            "position_m": r.line_start / self.config.inspection.lines_per_metre,
-            "threshold": self.threshold,
-            "model": self.meta.model_id,
-            "t_capture_ns": t_cap,
-            "t_receive_ns": None if fi is None else fi.t_receive_ns,
-            "latency_ms": latency_ms,
-        }
+        for r in regions:
+            fi = self._frame_of_line(camera, r.line_end - 1)
+            t_cap = None if fi is None else fi.t_capture_ns
+            t_ref = t_cap if t_cap is not None else (None if fi is None else fi.t_receive_ns)
+            latency_ms = None if t_ref is None else (now - t_ref) / 1e6
+            latencies.append(latency_ms)
+            payloads.append(
+                {
+                    "camera": camera,
+                    "segment": segment,
+                    **r.to_dict(),
+                    "position_m": r.line_start / self.config.inspection.lines_per_metre,
+                    "threshold": self.threshold,
+                    "model": self.meta.model_id,
+                    "t_capture_ns": t_cap,
+                    "t_receive_ns": None if fi is None else fi.t_receive_ns,
+                    "latency_ms": latency_ms,
+                }
+            )
         t0 = time.perf_counter()
-        seq = self.publisher.publish("defect", payload)
+        seqs = self.publisher.publish_many("defect", payloads)
         self.metrics.stage_seconds.labels("publish").observe(time.perf_counter() - t0)
-        if latency_ms is not None:
-            self.metrics.latency_seconds.observe(latency_ms / 1000.0)
-        self.metrics.defects_total.labels(camera).inc()
+        for latency_ms in latencies:
+            if latency_ms is not None:
+                self.metrics.latency_seconds.observe(latency_ms / 1000.0)
+        self.metrics.defects_total.labels(camera).inc(len(seqs))
         with self._lock:
-            self.totals.defects += 1
+            self.totals.defects += len(seqs)
         if self._on_event is not None:
-            self._on_event("defect", {"seq": seq, **payload})
+            for seq, payload in zip(seqs, payloads, strict=True):
+                self._on_event("defect", {"seq": seq, **payload})
 
     def _publish_status(self, final: bool) -> None:
         if self.publisher is None:

@@ -393,16 +393,22 @@ def ssim_torch(x: torch.Tensor, y: torch.Tensor, params: SSIMParams = SSIMParams
     dtype = torch.float32
     bh = torch.from_numpy(blur_matrix(h, params)).to(device=x.device, dtype=dtype)
     bw = torch.from_numpy(blur_matrix(w, params)).to(device=x.device, dtype=dtype)
-    shift = 0.5 * params.data_range
-    xc = x.to(dtype) - shift
-    yc = y.to(dtype) - shift
+    # Centred on each image's own mean (the moments are shift-invariant; the window weights
+    # sum to 1): E[x^2] - E[x]^2 then cancels far less in float32, e.g. on a near-saturated
+    # web, where centring on data_range / 2 left errors of 1e-4. Detached: in exact arithmetic
+    # the shift changes nothing, so it must not add a gradient path either.
+    x32, y32 = x.to(dtype), y.to(dtype)
+    sx = x32.mean(dim=(-2, -1), keepdim=True).detach()
+    sy = y32.mean(dim=(-2, -1), keepdim=True).detach()
+    xc = x32 - sx
+    yc = y32 - sy
     mx = _blur_torch(xc, bh, bw)
     my = _blur_torch(yc, bh, bw)
     vx = _blur_torch(xc * xc, bh, bw) - mx * mx
     vy = _blur_torch(yc * yc, bh, bw) - my * my
     cxy = _blur_torch(xc * yc, bh, bw) - mx * my
-    mx = mx + shift
-    my = my + shift
+    mx = mx + sx
+    my = my + sy
     c1, c2 = params.c1, params.c2
     num = (2 * mx * my + c1) * (2 * cxy + c2)
     den = (mx * mx + my * my + c1) * (vx + vy + c2)

@@ -72,13 +72,31 @@ def test_train_writes_a_calibrated_bundle(trained_cli: Path) -> None:
 @pytest.fixture(scope="module")
 def calibrated_cli(trained_cli: Path, woven_data: Path) -> Path:
     proc = _linescan(
-        "calibrate", "--model", trained_cli, "--data", woven_data, "--precision", "fp32"
+        "calibrate", "--model", trained_cli, "--data", woven_data, "--precision", "fp32", "--json"
     )
     doc = json.loads(proc.stdout)
     assert doc["rule"] == "max-opened"
     assert doc["images"] == 6  # train/good of the dataset
+    assert doc["operating_points"]
     assert load_bundle(trained_cli).meta.threshold == doc["threshold"]
     return trained_cli
+
+
+def test_calibrate_prints_the_trade_off(trained_cli: Path, woven_data: Path) -> None:
+    """Without --json, `linescan calibrate` prints the trade-off table (with the labelled
+    defect images of --defects) and where the threshold went; --dry-run stores nothing."""
+    before = load_bundle(trained_cli).meta.threshold
+    proc = _linescan(
+        "calibrate", "--model", trained_cli, "--data", woven_data, "--defects", woven_data,
+        "--rule", "alarm-rate", "--max-alarms-per-mpx", "5", "--precision", "fp32", "--dry-run",
+    )  # fmt: skip
+    lines = proc.stdout.splitlines()
+    assert "defect images found" in lines[0]
+    assert sum("<- chosen" in line for line in lines) == 1
+    assert "alarm-rate 5/Mpx  <- chosen" in proc.stdout
+    assert "4 labelled defect image(s)" in proc.stdout
+    assert "printed only (--dry-run)" in proc.stdout
+    assert load_bundle(trained_cli).meta.threshold == before
 
 
 def test_inspect_writes_pictures_and_finds_the_planted_defect(

@@ -79,6 +79,30 @@ def test_file_is_wal_and_fsynced(tmp_path: Path) -> None:
         assert j._w.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
+def test_a_batch_is_one_transaction(tmp_path: Path) -> None:
+    """append_many stores all of its rows or none: a batch holding a seq that is already
+    there leaves the journal as it was, and the next good batch continues normally."""
+    with EventJournal(tmp_path / "j.sqlite") as j:
+        j.append_many([(s, "defect", 0, body(s)) for s in range(3)])
+        with pytest.raises(JournalError, match="already journaled"):
+            j.append_many([(3, "defect", 0, body(3)), (2, "defect", 0, body(2))])
+        assert [e.seq for e in j.since(0)] == [0, 1, 2]
+        assert j.next_seq() == 3
+        j.append_many([(3, "defect", 0, body(3)), (4, "defect", 0, body(4))])
+        assert [e.seq for e in j.since(0)] == [0, 1, 2, 3, 4]
+        j.append_many([])
+        assert j.count() == 5
+
+
+def test_batches_are_pruned_like_single_appends(tmp_path: Path) -> None:
+    """Pruning runs when a batch crosses a multiple of PRUNE_EVERY, not only on exact hits."""
+    with EventJournal(tmp_path / "j.sqlite", max_events=10) as j:
+        for start in range(0, 300, 7):  # batches of 7 never land exactly on 256
+            j.append_many([(s, "defect", 0, body(s)) for s in range(start, start + 7)])
+        assert j.count() < 300
+        assert j.next_seq() == 301
+
+
 def test_next_seq_survives_reopening(tmp_path: Path) -> None:
     """A reopened journal continues at the largest journaled seq + 1."""
     path = tmp_path / "state" / "j.sqlite"  # the directory is created
@@ -146,11 +170,12 @@ def test_the_hook_never_raises(tmp_path: Path) -> None:
     results: list[bool] = []
     j = EventJournal(tmp_path / "j.sqlite")
     hook = j.recorder(results.append)
-    hook(0, "defect", 1, body(0))
-    hook(0, "defect", 1, body(0))  # duplicate seq: an error
+    hook([(0, "defect", 1, body(0))])
+    hook([(0, "defect", 1, body(0))])  # duplicate seq: an error
+    hook([(1, "defect", 1, body(1)), (2, "defect", 1, body(2))])  # one result per event
     j.close()
-    hook(1, "defect", 1, body(1))  # closed: an error
-    assert results == [True, False, False]
+    hook([(3, "defect", 1, body(3))])  # closed: an error
+    assert results == [True, False, True, True, False]
 
 
 def test_read_journal_while_the_daemon_writes(tmp_path: Path) -> None:

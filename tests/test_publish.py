@@ -168,6 +168,34 @@ def test_bad_events_are_refused_without_a_gap(context: Context) -> None:
         assert pub.next_seq == 1
 
 
+def test_publish_many_journals_once_before_sending(context: Context) -> None:
+    """The defect events of one call are numbered in order, journaled in one call (one
+    transaction) with the exact bodies sent, and only then sent; a bad payload anywhere in
+    the batch refuses the whole batch without consuming a seq or journaling anything."""
+    calls: list[list[tuple[int, str, int, str]]] = []
+    with EventPublisher(
+        "tcp://127.0.0.1:*", 100, context=context, linger_ms=0, journal=calls.append
+    ) as pub:
+        sub = context.socket(zmq.SUB)
+        try:
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.connect(pub.endpoint)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            join(pub, sub)
+            with pytest.raises(ValueError, match="Out of range float"):
+                pub.publish_many("defect", [{"peak": 0.5}, {"peak": math.nan}])
+            assert calls == []
+            assert pub.publish_many("defect", [{"n": i} for i in range(3)]) == [0, 1, 2]
+            assert pub.publish("defect", {"n": 3}) == 3
+            sent = [receive(sub)[1] for _ in range(4)]
+        finally:
+            sub.close()
+    assert [[row[0] for row in call] for call in calls] == [[0, 1, 2], [3]]
+    journaled = [json.loads(row[3]) for call in calls for row in call]
+    assert journaled == sent
+    assert [b["n"] for b in sent] == [0, 1, 2, 3]
+
+
 def test_published_events_are_counted(context: Context) -> None:
     """events_published_total counts messages by topic."""
     metrics = Metrics(CollectorRegistry(), process=False)
