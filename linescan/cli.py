@@ -275,14 +275,19 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from linescan.service import Daemon
 
     bundle = load_bundle(config.model.bundle or default_bundle_path())
-    backend = create_backend(
-        bundle,
-        config.engine.backend,
-        config.engine.precision,
-        config.engine.threads,
-        batch=config.inspection.max_batch,
-        device=config.engine.device,
-    )
+    # A first start on a GPU builds the TensorRT engine (minutes): keep systemd from timing out.
+    with sdnotify.starting(
+        f"loading {bundle.meta.name} on {config.engine.backend} (a first "
+        "TensorRT start builds the engine: minutes)"
+    ):
+        backend = create_backend(
+            bundle,
+            config.engine.backend,
+            config.engine.precision,
+            config.engine.threads,
+            batch=config.inspection.max_batch,
+            device=config.engine.device,
+        )
     daemon = Daemon(config, bundle.meta, backend)
     stop = threading.Event()
 

@@ -16,11 +16,21 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 from linescan.log import get_logger
 
-__all__ = ["notify", "ready", "status", "stopping", "watchdog", "watchdog_interval_s"]
+__all__ = [
+    "notify",
+    "ready",
+    "starting",
+    "status",
+    "stopping",
+    "watchdog",
+    "watchdog_interval_s",
+]
 
 
 def _address(value: str) -> str | None:
@@ -90,3 +100,36 @@ def watchdog_interval_s(environ: Mapping[str, str] | None = None) -> float | Non
     if pid is not None and (not pid.isdigit() or int(pid) != os.getpid()):
         return None
     return int(usec) / 2 / 1_000_000
+
+
+@contextmanager
+def starting(text: str, *, every_s: float = 10.0, extend_s: float = 30.0) -> Iterator[None]:
+    """Keep systemd's start timeout from firing during a long start-up (``EXTEND_TIMEOUT_USEC``).
+
+    Why: the first start on a GPU builds the TensorRT engine, which takes minutes, while
+    ``TimeoutStartSec=`` defaults to 90 s: without this, systemd would kill the build and
+    restart it for ever. Every ``every_s`` seconds the deadline is pushed ``extend_s`` ahead of
+    now (systemd 236+), with ``text`` as the status line, until the block ends. A start-up that
+    truly hangs stops extending only when the block is left, so bound what runs inside.
+    """
+    if not os.environ.get("NOTIFY_SOCKET"):
+        yield
+        return
+    state = f"EXTEND_TIMEOUT_USEC={int(extend_s * 1_000_000)}\nSTATUS=" + " ".join(
+        text.splitlines()
+    )
+    done = threading.Event()
+
+    def keep() -> None:
+        while True:
+            notify(state)
+            if done.wait(every_s):
+                return
+
+    thread = threading.Thread(target=keep, name="linescan-sd-starting", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(every_s + 1.0)

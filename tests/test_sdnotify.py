@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -99,3 +100,27 @@ def test_watchdog_interval_reads_the_environment(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("WATCHDOG_USEC", "2000000")
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     assert sdnotify.watchdog_interval_s() == 1.0
+
+
+def test_starting_extends_the_start_timeout(notify_socket: socket.socket) -> None:
+    """During a long start-up (a TensorRT engine build) systemd's start deadline is pushed
+    ahead again and again with a status line, and the pushing stops when start-up ends."""
+    import time
+
+    with sdnotify.starting("building\nengine", every_s=0.05, extend_s=2.0):
+        first = notify_socket.recv(4096)
+        second = notify_socket.recv(4096)
+    assert first == second == b"EXTEND_TIMEOUT_USEC=2000000\nSTATUS=building engine"
+    time.sleep(0.2)
+    notify_socket.setblocking(False)
+    drained = 0
+    with contextlib.suppress(BlockingIOError):
+        while notify_socket.recv(4096):
+            drained += 1
+    assert drained <= 1  # at most one sent while the block was being left, none after
+
+
+def test_starting_outside_systemd_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    with sdnotify.starting("x"):
+        pass
