@@ -34,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -1061,3 +1062,49 @@ def test_frame_latency_is_measured_on_a_web_without_defects(detector: Path) -> N
     assert final["defects"] == 0
     assert metrics[("linescan_frame_latency_seconds_count", ())] == 8
     assert metrics[("linescan_frame_latency_seconds_sum", ())] >= 0
+
+
+def test_serve_speaks_to_systemd(tmp_path: Path, detector: Path) -> None:
+    """`linescan serve` under a real $NOTIFY_SOCKET (standing in for systemd): the start
+    timeout is extended and a status line set while the model loads, READY=1 follows once it
+    inspects, the watchdog is petted, and SIGTERM announces STOPPING=1 before a clean exit."""
+    ports = free_ports(3)
+    config = _serve_config(tmp_path, detector, *ports)
+    with tempfile.TemporaryDirectory(prefix="ls-") as directory:  # AF_UNIX: short paths
+        path = str(Path(directory) / "notify")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+            systemd.bind(path)
+            systemd.settimeout(60)
+            env = {
+                **_env(),
+                "NOTIFY_SOCKET": path,
+                "WATCHDOG_USEC": "400000",  # pet every 0.2 s
+                "STATE_DIRECTORY": str(tmp_path / "state"),
+            }
+            log = tmp_path / "serve.log"
+            with log.open("wb") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "linescan.cli", "serve", "--config", str(config)],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
+            try:
+                seen: list[bytes] = []
+                while b"READY=1" not in seen:
+                    seen.append(systemd.recv(4096))
+                while seen[-1] != b"WATCHDOG=1":
+                    seen.append(systemd.recv(4096))
+                proc.send_signal(signal.SIGTERM)
+                while seen[-1] != b"STOPPING=1":
+                    seen.append(systemd.recv(4096))
+                rc = proc.wait(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    assert rc == 0, log.read_text()[-3000:]
+    assert seen[0].startswith(b"EXTEND_TIMEOUT_USEC=30000000\nSTATUS=loading detector on torch")
+    ready = seen.index(b"READY=1")
+    assert all(m.startswith(b"EXTEND_TIMEOUT_USEC=") for m in seen[:ready])
+    assert seen[ready + 1].startswith(b"STATUS=inspecting frames from tcp://")
