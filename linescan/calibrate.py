@@ -90,6 +90,7 @@ class _Map:
     shape: tuple[int, int]  # the camera image's (height, width)
     gt: npt.NDArray[np.int32] | None = None  # ground-truth region labels at model scale
     gt_regions: int = 0
+    sample: TestSample | None = None  # a labelled defect image: where to recompute from
 
 
 def _count_regions(
@@ -198,11 +199,21 @@ def calibrate(
     pixels_all = np.concatenate(samples)
     q_value = float(np.quantile(pixels_all, quantile))
     top = max(opened_max)
-    bads = [_defect_map(d, meta, backend, settings) for d in labelled]
+    bads = []
+    for d in labelled:
+        m = _defect_map(d, meta, backend, settings)
+        assert m.opened is not None and m.gt is not None  # noqa: PT018 - just made
+        need = m.opened.nbytes + m.gt.nbytes
+        if kept + need > KEEP_BYTES:  # recomputed when the table is made
+            m.opened, m.gt = None, None
+        else:
+            kept += need
+        bads.append(m)
     # The range where the trade-off happens: from the defect-free pixels' 99th percentile (or
     # the cleanest image's opened maximum) to above every rule's threshold.
-    hi = top * max(1.25, margin * 1.1)
-    lo = max(min(float(np.quantile(pixels_all, 0.99)), min(opened_max)), hi * 1e-3, 1e-9)
+    # (A perfect reconstruction, residual 0 everywhere, still needs a range above zero.)
+    hi = max(top * max(1.25, margin * 1.1), 1e-6)
+    lo = max(min(float(np.quantile(pixels_all, 0.99)), min(opened_max)), hi * 1e-3)
     grid = {float(t) for t in np.geomspace(lo, hi, GRID_POINTS)}
     rule_values = {
         f"max-opened x{margin:g}": top * margin,
@@ -278,7 +289,9 @@ def _defect_map(sample: TestSample, meta: BundleMeta, backend: Backend, settings
         raise DataError(f"{sample.mask}: mask does not scale to the model's view")
     n, labels = cv2.connectedComponents(gt_small.astype(np.uint8), connectivity=8)
     shape = (pixels.shape[0], pixels.shape[1])
-    return _Map(sample.image, grey_open(rec.residual), shape, labels.astype(np.int32), n - 1)
+    m = _Map(sample.image, grey_open(rec.residual), shape, labels.astype(np.int32), n - 1)
+    m.sample = sample
+    return m
 
 
 def _operating_points(
@@ -308,11 +321,15 @@ def _operating_points(
             alarms[i] += n
             alarmed[i] += n > 0
     for m in bads:
-        if m.opened is None or m.gt is None:  # pragma: no cover - _defect_map fills both
-            raise RuntimeError(f"{m.path}: defect map incomplete")
+        if m.opened is None or m.gt is None:
+            if m.sample is None:  # pragma: no cover - _defect_map sets it
+                raise RuntimeError(f"{m.path}: defect map incomplete")
+            m = _defect_map(m.sample, meta, backend, settings)
+        opened, gt = m.opened, m.gt
+        assert opened is not None and gt is not None  # noqa: PT018 - just made
         for i, t in enumerate(thresholds):
-            _, flagged = _count_regions(m.opened, t, min_area, meta.input, m.shape)
-            hit = np.unique(m.gt[flagged & (m.gt > 0)])
+            _, flagged = _count_regions(opened, t, min_area, meta.input, m.shape)
+            hit = np.unique(gt[flagged & (gt > 0)])
             found_regions[i] += hit.size
             found_images[i] += hit.size > 0
     n_good = len(goods)

@@ -110,15 +110,24 @@ def export_onnx(bundle_path: Path, opset: int = DEFAULT_OPSET) -> Path:
     example = torch.rand(2, 1, p, p, generator=torch.Generator().manual_seed(0))
     out = bundle.path / ONNX_FILE
     out16 = bundle.path / ONNX_FP16_FILE
-    _export(module, example, out, bundle.path, opset)
-    _export(HalfPrecision(module), example, out16, bundle.path, opset)
-    update_meta(bundle.path, onnx_sha256=sha256_file(out), onnx_fp16_sha256=sha256_file(out16))
+    # Both traced to temporary files first: a failure in either leaves the previous pair (and
+    # its record) as it was, instead of one new file that no longer matches bundle.json.
+    tmp = _export(module, example, bundle.path, opset)
+    try:
+        tmp16 = _export(HalfPrecision(module), example, bundle.path, opset)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    sha, sha16 = sha256_file(tmp), sha256_file(tmp16)
+    os.replace(tmp, out)
+    os.replace(tmp16, out16)
+    update_meta(bundle.path, onnx_sha256=sha, onnx_fp16_sha256=sha16)
     return out
 
 
-def _export(module: nn.Module, example: torch.Tensor, out: Path, where: Path, opset: int) -> None:
-    """Trace ``module`` into ``out`` atomically (a crash leaves the previous file)."""
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+def _export(module: nn.Module, example: torch.Tensor, where: Path, opset: int) -> Path:
+    """Trace ``module`` into a new temporary file in ``where``; returns its path."""
+    fd, tmp_name = tempfile.mkstemp(dir=where, prefix=f".{ONNX_FILE}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -140,13 +149,16 @@ def _export(module: nn.Module, example: torch.Tensor, out: Path, where: Path, op
                     do_constant_folding=True,
                     dynamo=False,
                 )
-        os.replace(tmp, out)
     except ImportError as exc:
+        tmp.unlink(missing_ok=True)
         raise ModelError(f"ONNX export needs the onnx package: {ONNX_HINT} ({exc})") from exc
     except (RuntimeError, ValueError, TypeError) as exc:
-        raise ModelError(f"ONNX export of {where} failed: {exc}") from exc
-    finally:
         tmp.unlink(missing_ok=True)
+        raise ModelError(f"ONNX export of {where} failed: {exc}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def verify_onnx(

@@ -172,14 +172,15 @@ class EventPublisher:
                 # Durable before they are sent: a crash between the two leaves replayable
                 # events whose seqs are never reused (journal.py).
                 self._journal(rows)
-            # Counters move only once every body encodes: a failed event must not leave a gap
-            # that subscribers would read as a lost message.
-            for parts in messages:
-                self._socket.send_multipart(parts)
+            # Counters move once every body encodes (a bad payload leaves no gap that
+            # subscribers would read as a lost message) and before any send: a send that fails
+            # leaves a gap the journal can fill, never a journaled seq given out again.
             if topic == "defect":
                 self._next_seq += len(messages)
             else:
                 self._next_status_seq += len(messages)
+            for parts in messages:
+                self._socket.send_multipart(parts)
         if self._metrics is not None:
             self._metrics.events_published_total.labels(topic).inc(len(numbers))
         return numbers

@@ -362,7 +362,10 @@ class AuthMonitor:
     Why disconnects: ZeroMQ enforces MAXMSGSIZE by closing the sender's connection, with no
     error anywhere else, so an oversized frame (and whatever was queued behind it) would be
     lost without a trace. ZeroMQ does not say why a connection ended; each one is counted and
-    logged with the possible causes, and the frames lost show up as a sequence gap.
+    logged with the possible causes, and the frames lost show up as a sequence gap. A refused
+    handshake (a wrong key, a port scanner, a TCP health check) is followed by a disconnect of
+    its own: that one is not counted again. With ``auth=False`` (no CurveZMQ) refused
+    handshakes are not authentication failures and are not counted at all.
 
     Create it before the socket is handed to its own thread. It ends by itself when the
     socket is closed (ZeroMQ sends MONITOR_STOPPED) or on :meth:`stop`.
@@ -375,13 +378,16 @@ class AuthMonitor:
         metrics: Metrics | None = None,
         on_failure: Callable[[str], None] | None = None,
         disconnects: bool = False,
+        auth: bool = True,
     ) -> None:
         self.socket_name = socket_name
         self._metrics = metrics
         self._on_failure = on_failure
+        self._auth = auth
         self._lock = threading.Lock()
         self.failures: dict[str, int] = dict.fromkeys(AUTH_FAILURE_REASONS, 0)
         self.disconnects = 0
+        self._refused_open = 0  # refused handshakes whose own disconnect is still to come
         mask = 0
         events = [*_FAILURE_EVENTS, zmq.EVENT_MONITOR_STOPPED]
         if disconnects:
@@ -413,10 +419,16 @@ class AuthMonitor:
                 endpoint = msg.get("endpoint")
                 where = endpoint.decode() if isinstance(endpoint, bytes) else endpoint
                 if event == zmq.EVENT_DISCONNECTED:
-                    self._disconnected(where)
+                    if self._refused_open > 0:
+                        self._refused_open -= 1  # the refused handshake's own disconnect
+                    else:
+                        self._disconnected(where)
                     continue
                 reason = _FAILURE_EVENTS.get(event)
                 if reason is None:
+                    continue
+                self._refused_open += 1
+                if not self._auth:
                     continue
                 with self._lock:
                     self.failures[reason] += 1

@@ -345,7 +345,9 @@ class Daemon:
             self._curve.frames(sock)
         # Always: besides refused handshakes it counts dropped connections, the only trace
         # ZeroMQ leaves of a message over MAXMSGSIZE.
-        self._auth_monitor = AuthMonitor(sock, "frames", self.metrics, disconnects=True)
+        self._auth_monitor = AuthMonitor(
+            sock, "frames", self.metrics, disconnects=True, auth=self._curve.frames is not None
+        )
         try:
             if fc.bind:
                 sock.bind(fc.endpoint)

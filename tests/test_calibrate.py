@@ -241,10 +241,25 @@ def test_opened_maps_over_the_memory_budget_are_recomputed(
 
     bundle = ssim_model.load()
     backend = TorchBackend(bundle, precision="fp32")
-    kept = calibrate(good, bundle.meta, backend).record["operating_points"]
+    defects = [s for s in test_samples(ssim_model.data) if s.mask is not None]
+    kept = calibrate(good, bundle.meta, backend, defects=defects).record["operating_points"]
     monkeypatch.setattr(cal_mod, "KEEP_BYTES", 0)
-    again = calibrate(good, bundle.meta, backend).record["operating_points"]
+    again = calibrate(good, bundle.meta, backend, defects=defects).record["operating_points"]
     assert again == kept
+    assert kept[0]["defect_images_found"] is not None
+
+
+def test_a_perfect_reconstruction_calibrates(tmp_path: Path) -> None:
+    """A model that reconstructs the good images exactly (residual 0 everywhere) still gets a
+    threshold and a table, not a crash on an empty range."""
+    write_grey(tmp_path / "a.png", (np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64))
+    meta = BundleMeta(loss="l2", latent=4, patch=32, residual="l2")
+    cal = calibrate([tmp_path / "a.png"], meta, FunctionBackend(lambda b: b))
+    assert cal.record["opened_max"]["max"] == 0.0
+    assert cal.threshold == 0.0
+    points = cal.record["operating_points"]
+    assert points
+    assert all(p["alarms_per_image"] == 0 for p in points if p["threshold"] > 0)
 
 
 def test_min_area_filters_alarms(ssim_model: Trained, good: list[Path]) -> None:

@@ -172,6 +172,31 @@ def test_fp16_export_tampered_or_missing_is_refused(
         checked_onnx_path(bundle, fp16=True)
 
 
+def test_a_failed_export_leaves_the_previous_pair(
+    exported: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both files are traced before either replaces its predecessor: an FP16 trace that fails
+    leaves the old model.onnx and model.fp16.onnx, still matching bundle.json, and no
+    temporary files behind."""
+    import linescan.export as export_mod
+
+    bundle_dir = copy_bundle(exported["ssim"], tmp_path / "b")
+    before = {n: sha256_file(bundle_dir / n) for n in (ONNX_FILE, ONNX_FP16_FILE)}
+    meta = read_meta(bundle_dir)
+
+    def broken(self: object, x: object) -> object:
+        raise RuntimeError("trace failed")
+
+    monkeypatch.setattr(export_mod.HalfPrecision, "forward", broken)
+    with pytest.raises(ModelError, match="trace failed"):
+        export_onnx(bundle_dir)
+    assert {n: sha256_file(bundle_dir / n) for n in before} == before
+    after = read_meta(bundle_dir)
+    assert (after.onnx_sha256, after.onnx_fp16_sha256) == (meta.onnx_sha256, meta.onnx_fp16_sha256)
+    assert not [p for p in bundle_dir.iterdir() if p.name.endswith(".tmp")]
+    assert checked_onnx_path(load_bundle(bundle_dir), fp16=True)
+
+
 def test_fp16_record_survives_other_metadata_changes(
     exported: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import random
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -248,6 +249,39 @@ def test_an_oversized_message_leaves_a_trace(context: Context) -> None:
     assert final["frames_rejected"] == 0
     assert final["sequence_gaps"] == 1  # the oversized frame's seq never arrived
     assert final["frames_received"] == final["frames_inspected"] == 5
+
+
+def test_a_tcp_probe_is_neither_a_disconnect_nor_an_auth_failure(context: Context) -> None:
+    """A health check or port scan (TCP connect, maybe garbage, close) is refused in the
+    handshake; without CurveZMQ that is no authentication failure, and its disconnect is the
+    refused handshake's own, not a sender's connection lost. A real sender's drop still is."""
+    run = Run(context, config(frames={"max_bytes": 1 << 16}))
+    host, port = run.daemon.frames_endpoint.removeprefix("tcp://").rsplit(":", 1)
+    try:
+        for payload in (b"", b"GET / HTTP/1.0\r\n\r\n"):
+            with socket.create_connection((host, int(port))) as probe:
+                probe.sendall(payload)
+                time.sleep(0.1)
+        cam = context.socket(zmq.PUSH)
+        cam.setsockopt(zmq.LINGER, 0)
+        cam.connect(run.daemon.frames_endpoint)
+        planner = fuzz.Planner(random.Random(2), limits=FrameLimits(4096, 4096, 1 << 16))
+        cam.send_multipart(planner.valid().parts)
+        assert wait(lambda: run.seen() == 1)
+        cam.close(linger=0)  # a sender that goes away: counted
+
+        def sample(name: str, **labels: str) -> float:
+            return run.daemon.registry.get_sample_value(name, labels) or 0.0
+
+        assert wait(lambda: sample("linescan_disconnects_total", socket="frames") == 1.0)
+        time.sleep(0.2)
+        assert sample("linescan_disconnects_total", socket="frames") == 1.0
+        for reason in ("key", "protocol", "other"):
+            assert sample("linescan_auth_failures_total", socket="frames", reason=reason) == 0
+    finally:
+        final = run.finish()
+    assert final["auth_failures"] == 0
+    assert final["disconnects"] == 1
 
 
 # ----------------------------------------------------------------------------- overload

@@ -46,7 +46,7 @@ for root in "${CUDA_ROOT:-}" "${CUDA_HOME:-}" /usr/local/cuda /usr/local/cuda-13
 done
 if ! command -v nvcc >/dev/null; then
     # No toolkit: pip's nvcc is enough to compile the kernel (not to build pycuda).
-    step "nvcc from pip" "$PY" -m pip install "nvidia-cuda-nvcc-cu12"
+    step "nvcc from pip" "$PY" -m pip install --timeout 5 --retries 0 "nvidia-cuda-nvcc-cu12"
 fi
 command -v nvcc && nvcc --version | tail -1
 

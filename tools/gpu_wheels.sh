@@ -26,6 +26,9 @@ CUDA_ROOT=${CUDA_ROOT:-/usr/local/cuda}
 PYCUDA_VERSION=${PYCUDA_VERSION:-2026.1}
 OUT=$PWD/.whl
 mkdir -p "$OUT"
+# One version of each package: wheels left by an earlier run (another pydantic, say) would be
+# installed beside these in name order, and the last one would win.
+rm -f "$OUT"/*.whl
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 status=0

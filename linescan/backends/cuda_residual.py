@@ -33,9 +33,11 @@ import numpy as np
 import numpy.typing as npt
 
 from linescan.errors import EngineError
+from linescan.log import get_logger
 from linescan.ssim import SSIMParams
 
 F32 = npt.NDArray[np.float32]
+log = get_logger("linescan.cuda")
 GPU_HINT = "pip install 'linescan[gpu]'"
 KERNEL_FILE = Path(__file__).with_name("ssim_residual.cu")
 KERNELS: dict[np.dtype[Any], str] = {
@@ -164,17 +166,30 @@ def compile_module(radius: int, cache_dir: str | bool | None = None) -> Any:
             "/usr/local/cuda/bin; install the CUDA toolkit or set CUDA_HOME"
         )
     source = KERNEL_FILE.read_text(encoding="utf-8")
-    try:
+    cache = kernel_cache_dir() if cache_dir is None else cache_dir
+
+    def build(cache: str | bool) -> Any:
         with _compile_lock:
             return SourceModule(
                 source,
                 nvcc=nvcc,
                 options=[f"-DLS_RADIUS={radius}", "-lineinfo"],
                 no_extern_c=True,  # the file declares its own extern "C" entry points
-                cache_dir=kernel_cache_dir() if cache_dir is None else cache_dir,
+                cache_dir=cache,
             )
-    except Exception as exc:  # pycuda.driver.CompileError, or OSError from the cache or nvcc
-        raise EngineError(f"cannot compile {KERNEL_FILE.name} with {nvcc}: {exc}") from exc
+
+    try:
+        return build(cache)
+    except Exception as first:  # pycuda.driver.CompileError, OSError from the cache or nvcc
+        if cache is False:
+            raise EngineError(f"cannot compile {KERNEL_FILE.name} with {nvcc}: {first}") from first
+        # pycuda writes its cache file in place: one truncated by a power cut would fail every
+        # later start. Compiling without the cache tells that apart from a real error.
+        log.warning("cuda_kernel_cache_unusable", cache=str(cache), error=str(first))
+        try:
+            return build(False)
+        except Exception as exc:
+            raise EngineError(f"cannot compile {KERNEL_FILE.name} with {nvcc}: {exc}") from exc
 
 
 class CudaResidual:

@@ -218,6 +218,15 @@ def ensure_engine(
         raise EngineError(f"need 1 <= --opt-batch <= --max-batch, got {opt_batch} and {max_batch}")
     with _guard("builder start"):
         fp16 = resolve_fp16(precision, trt.Builder(trt_logger()))
+    if fp16 and precision == "auto" and read_meta(bundle.path).onnx_fp16_sha256 is None:
+        # A bundle exported before FP16 exports existed: "auto" still starts (in FP32) rather
+        # than refusing after an upgrade; an explicit "fp16" stays strict.
+        log.warning(
+            "tensorrt_fp16_export_missing",
+            bundle=str(bundle.path),
+            detail=f"building FP32; run `linescan export --model {bundle.path}` for FP16",
+        )
+        fp16 = False
     onnx = checked_onnx_path(bundle, fp16=fp16)
     meta = read_meta(bundle.path)  # the record checked_onnx_path just used
     onnx_sha = meta.onnx_fp16_sha256 if fp16 else meta.onnx_sha256
