@@ -451,7 +451,9 @@ class AuthMonitor:
             self.disconnects += 1
         if self._metrics is not None:
             self._metrics.disconnects_total.labels(self.socket_name).inc()
-        self._throttled.warning(
+        # info, not warning: a camera that closes at the end of a run is normal; a frame lost
+        # with the connection is reported by the sequence gap it leaves.
+        self._throttled.info(
             f"disconnect:{self.socket_name}",
             "sender disconnected",
             socket=self.socket_name,

@@ -214,7 +214,7 @@ def test_a_message_over_the_socket_limit_only_cuts_its_sender(context: Context) 
 
 def test_an_oversized_message_leaves_a_trace(context: Context) -> None:
     """ZeroMQ refuses a message over MAXMSGSIZE by dropping the connection, silently; the
-    daemon counts that dropped connection (metric, status, a warning), the frames lost with it
+    daemon counts that dropped connection (metric, status, a log line), the frames lost with it
     show up as a sequence gap, and the camera's automatic reconnection carries on."""
     run = Run(context, config(frames={"max_bytes": 1 << 16}))
     planner = fuzz.Planner(random.Random(1), limits=FrameLimits(4096, 4096, 1 << 16))
