@@ -197,6 +197,29 @@ def test_a_failed_export_leaves_the_previous_pair(
     assert checked_onnx_path(load_bundle(bundle_dir), fp16=True)
 
 
+def test_tensorrt_builds_from_the_export_of_its_precision(
+    exported: dict[str, Path], tmp_path: Path
+) -> None:
+    """The TensorRT build picks model.fp16.onnx (and its checksum, the engine key's) for
+    FP16 and model.onnx for FP32; a bundle exported before FP16 exports existed still starts
+    with precision auto (in FP32), while an explicit fp16 is refused with the fix."""
+    from linescan.backends.tensorrt import choose_onnx
+
+    bundle_dir = copy_bundle(exported["ssim"], tmp_path / "b")
+    bundle = load_bundle(bundle_dir)
+    meta = read_meta(bundle_dir)
+    assert choose_onnx(bundle, "auto", True) == (
+        True, bundle_dir / ONNX_FP16_FILE, meta.onnx_fp16_sha256
+    )  # fmt: skip
+    assert choose_onnx(bundle, "fp32", False) == (False, bundle_dir / ONNX_FILE, meta.onnx_sha256)
+    from linescan.model.bundle import update_meta
+
+    update_meta(bundle_dir, onnx_fp16_sha256=None)  # as exported by an older linescan
+    assert choose_onnx(bundle, "auto", True) == (False, bundle_dir / ONNX_FILE, meta.onnx_sha256)
+    with pytest.raises(ModelError, match=r"not recorded.*linescan export --model"):
+        choose_onnx(bundle, "fp16", True)
+
+
 def test_fp16_record_survives_other_metadata_changes(
     exported: dict[str, Path], tmp_path: Path
 ) -> None:

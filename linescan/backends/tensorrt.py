@@ -202,6 +202,28 @@ def _build(trt: Any, bundle: Bundle, onnx: Path, key: EngineKey, engines_dir: Pa
         return bytes(serialized)
 
 
+def choose_onnx(bundle: Bundle, precision: str, fp16: bool) -> tuple[bool, Path, str]:
+    """(fp16, the checked ONNX export to build from, its recorded sha256).
+
+    A bundle exported before FP16 exports existed has no ``model.fp16.onnx``: ``auto`` then
+    builds FP32 with a warning rather than refusing to start after an upgrade; an explicit
+    ``fp16`` stays strict (ModelError naming ``linescan export``).
+    """
+    if fp16 and precision == "auto" and read_meta(bundle.path).onnx_fp16_sha256 is None:
+        log.warning(
+            "tensorrt_fp16_export_missing",
+            bundle=str(bundle.path),
+            detail=f"building FP32; run `linescan export --model {bundle.path}` for FP16",
+        )
+        fp16 = False
+    onnx = checked_onnx_path(bundle, fp16=fp16)
+    meta = read_meta(bundle.path)  # the record checked_onnx_path just used
+    onnx_sha = meta.onnx_fp16_sha256 if fp16 else meta.onnx_sha256
+    if onnx_sha is None:  # pragma: no cover - checked_onnx_path refuses this
+        raise ModelError(f"{onnx} has no recorded checksum")
+    return fp16, onnx, onnx_sha
+
+
 def ensure_engine(
     trt: Any,
     cuda_ctx: CudaContext,
@@ -218,20 +240,7 @@ def ensure_engine(
         raise EngineError(f"need 1 <= --opt-batch <= --max-batch, got {opt_batch} and {max_batch}")
     with _guard("builder start"):
         fp16 = resolve_fp16(precision, trt.Builder(trt_logger()))
-    if fp16 and precision == "auto" and read_meta(bundle.path).onnx_fp16_sha256 is None:
-        # A bundle exported before FP16 exports existed: "auto" still starts (in FP32) rather
-        # than refusing after an upgrade; an explicit "fp16" stays strict.
-        log.warning(
-            "tensorrt_fp16_export_missing",
-            bundle=str(bundle.path),
-            detail=f"building FP32; run `linescan export --model {bundle.path}` for FP16",
-        )
-        fp16 = False
-    onnx = checked_onnx_path(bundle, fp16=fp16)
-    meta = read_meta(bundle.path)  # the record checked_onnx_path just used
-    onnx_sha = meta.onnx_fp16_sha256 if fp16 else meta.onnx_sha256
-    if onnx_sha is None:  # pragma: no cover - checked_onnx_path refuses this
-        raise ModelError(f"{onnx} has no recorded checksum")
+    fp16, onnx, onnx_sha = choose_onnx(bundle, precision, fp16)
     key = EngineKey(
         onnx_sha256=onnx_sha,
         tensorrt_version=str(trt.__version__),
