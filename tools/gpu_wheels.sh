@@ -122,5 +122,5 @@ else
     echo "   FAILED: pycuda build"
     status=1
 fi
-echo "== $OUT: $(du -sh "$OUT" | cut -f1) in $(find "$OUT" -name '*.whl' | wc -l) wheels"
+echo "== $OUT: $(du -sh "$OUT" | cut -f1) in $(find "$OUT" -type f -name '*.whl' | wc -l) wheels"
 exit $status
