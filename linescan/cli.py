@@ -61,7 +61,7 @@ def _scale_arg(text: str) -> int:
 def cmd_train(a: argparse.Namespace) -> int:
     _configure_threads(a.threads, pipelined=False)  # first: before torch starts OpenMP
     from linescan.backends import create_backend
-    from linescan.calibrate import calibrate
+    from linescan.calibrate import calibrate, format_points
     from linescan.model.bundle import load_bundle, update_meta
     from linescan.preprocess import InputSpec
     from linescan.ssim import SSIMParams
@@ -110,7 +110,12 @@ def cmd_train(a: argparse.Namespace) -> int:
         update_meta(res.bundle, threshold=cal.threshold, calibration=cal.record)
         print(
             f"threshold {cal.threshold:.4f} ({cal.record['rule']}, "
-            f"{len(res.holdout_images)} held-out images)"
+            f"{len(res.holdout_images)} held-out images); the trade-off on them:"
+        )
+        print(format_points(cal.record["operating_points"], cal.threshold))
+        print(
+            "`linescan calibrate --defects DIR` adds how many labelled defects each threshold "
+            "finds; README: Thresholds"
         )
     else:
         print("no held-out images (fewer than 5): run `linescan calibrate` before inspecting")

@@ -53,6 +53,8 @@ def trained_cli(tmp_path_factory: pytest.TempPathFactory, woven_data: Path) -> P
     )  # fmt: skip
     assert "saved" in proc.stdout
     assert "threshold" in proc.stdout  # calibrated on the held-out image
+    assert "alarms/image" in proc.stdout  # with the trade-off table
+    assert "max-opened x1.1  <- chosen" in proc.stdout
     return out
 
 
