@@ -112,16 +112,9 @@ def _count_regions(
 
 
 def _gt_at_model_scale(mask: npt.NDArray[np.bool_], spec: InputSpec) -> npt.NDArray[np.bool_]:
-    """A model pixel is defective when any camera pixel it covers is."""
-    m = mask.astype(np.float32)
-    if spec.resize is not None:
-        small = cv2.resize(m, spec.resize, interpolation=cv2.INTER_AREA)
-    else:
-        n = spec.downscale
-        h, w = m.shape
-        m = np.pad(m, ((0, (-h) % n), (0, (-w) % n)))
-        small = m.reshape(m.shape[0] // n, n, m.shape[1] // n, n).max(axis=(1, 3))
-    out: npt.NDArray[np.bool_] = small > 0
+    """A model pixel is defective when any camera pixel it covers is: the model's own
+    down-scaling (a block mean, or an area resize) of the mask is above zero exactly there."""
+    out: npt.NDArray[np.bool_] = spec.to_model(mask.astype(np.uint8)) > 0
     return out
 
 
@@ -289,9 +282,9 @@ def _defect_map(sample: TestSample, meta: BundleMeta, backend: Backend, settings
         raise DataError(f"{sample.mask}: mask does not scale to the model's view")
     n, labels = cv2.connectedComponents(gt_small.astype(np.uint8), connectivity=8)
     shape = (pixels.shape[0], pixels.shape[1])
-    m = _Map(sample.image, grey_open(rec.residual), shape, labels.astype(np.int32), n - 1)
-    m.sample = sample
-    return m
+    return _Map(
+        sample.image, grey_open(rec.residual), shape, labels.astype(np.int32), n - 1, sample
+    )
 
 
 def _operating_points(

@@ -149,14 +149,12 @@ def _export(module: nn.Module, example: torch.Tensor, where: Path, opset: int) -
                     do_constant_folding=True,
                     dynamo=False,
                 )
-    except ImportError as exc:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        raise ModelError(f"ONNX export needs the onnx package: {ONNX_HINT} ({exc})") from exc
-    except (RuntimeError, ValueError, TypeError) as exc:
-        tmp.unlink(missing_ok=True)
-        raise ModelError(f"ONNX export of {where} failed: {exc}") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        if isinstance(exc, ImportError):
+            raise ModelError(f"ONNX export needs the onnx package: {ONNX_HINT} ({exc})") from exc
+        if isinstance(exc, RuntimeError | ValueError | TypeError):
+            raise ModelError(f"ONNX export of {where} failed: {exc}") from exc
         raise
     return tmp
 

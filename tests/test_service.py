@@ -742,6 +742,17 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: flo
     pytest.fail(f"serve never became ready:\n{log.read_text()[-3000:]}")
 
 
+def _start_serve(config: Path, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`linescan serve --config CONFIG` in a child process, its output into ``log``."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "linescan.cli", "serve", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+
 def _env() -> dict[str, str]:
     """The test's environment, minus what would make a child act as a systemd service."""
     systemd = {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "STATE_DIRECTORY"}
@@ -769,13 +780,7 @@ def test_sigterm_publishes_the_events_of_every_accepted_frame(
     offline = inspect_image(web, load_bundle(detector).meta, torch_backend(detector)).regions
     assert all(any(overlaps(d, r) for r in offline) for d in planted)
     log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "linescan.cli", "serve", "--config", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=_env(),
-        )
+    proc = _start_serve(config, log, _env())
     sub: Subscriber | None = None
     sock: zmq.Socket[bytes] | None = None
     try:
@@ -1082,13 +1087,7 @@ def test_serve_speaks_to_systemd(tmp_path: Path, detector: Path) -> None:
                 "STATE_DIRECTORY": str(tmp_path / "state"),
             }
             log = tmp_path / "serve.log"
-            with log.open("wb") as out:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "linescan.cli", "serve", "--config", str(config)],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                )
+            proc = _start_serve(config, log, env)
             try:
                 seen: list[bytes] = []
                 while b"READY=1" not in seen:
