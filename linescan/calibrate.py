@@ -1,127 +1,541 @@
-"""Threshold calibration from defect-free images, stored in the bundle.
+"""Calibration on defect-free images: score statistics, residual choice and threshold.
 
-Rules (``--rule``):
+What a line engineer asks of a threshold is "how many real defects does it catch at the false-
+alarm rate my line tolerates". Calibration answers that from defect-free images alone:
 
-* ``max-opened`` (default): the lowest threshold at which none of the defect-free images shows
-  a single pixel after the opening, times ``margin`` (default 1.1). Because the opening
-  commutes with thresholding, that threshold is exactly the largest value of the grey-level
-  opening of the residual over all images (``segment.grey_open``): a defect-free image at
-  this threshold raises no alarm, and the margin buys headroom for material not seen yet.
-* ``quantile``: the ``quantile`` (default 0.999) of all defect-free residual pixels. Keeps a
-  target pixel false-positive rate (1 - quantile) before the opening; use it when a few false
-  alarms are acceptable in exchange for sensitivity.
-* ``alarm-rate``: the lowest threshold at which the defect-free images raise at most
-  ``max_alarms_per_mpx`` false alarms (regions after the opening, as the daemon would publish
-  them) per megapixel of camera image, here and at every higher threshold. The rate engineers
-  reason in ("one false alarm every N metres of web") instead of a pixel statistic.
+1. **Statistics.** The score's per-column, per-edge and per-row statistics (``score.py``) are
+   learned from the images (``statistics="refresh"``, the default of ``linescan calibrate``;
+   training learns them from its own images and calibrates on held-out ones with
+   ``statistics="keep"``).
+2. **Evidence.** Every image is scored as is (false alarms) and, in ``plants`` copies, with
+   synthetic defects of several kinds planted into it (``data/plants.py``): spots, thin lines
+   along and across the web, pasted patches of the same material, smudges, smooth patches.
+   Counted exactly as the daemon publishes (``detection.py``). With ``defects`` (labelled
+   images, MVTec layout) the real defects are counted too.
+3. **Threshold**, by ``rule``:
 
-Why more than one rule: ``max-opened`` promises no false alarm on the calibration images,
-which with a budget-limited model can cost most of the sensitivity (on MVTec grid and AITEX it
-flagged 0-1 of 5 defect images; ``docs/results.md``). So every calibration also reports the
-trade-off (``operating_points``): for each of a range of thresholds, including every rule's, the
-false alarms per image and per megapixel and the share of defect-free images with any; and,
-given labelled defect images (``defects``: MVTec ``test/<type>`` with ``ground_truth``), the
-share of defect images and of ground-truth regions found. The chosen threshold is the user's
-decision; the table is the evidence for it.
+   * ``budget`` (default): the lowest threshold at which the defect-free images raise at most
+     ``budget_per_mpx`` false alarms per megapixel of web (``linescan calibrate
+     --alarms-per-metre`` converts from metres with ``lines_per_metre``). A budget below what
+     the images can show (one alarm in 100 Mpx, calibrated on 10 Mpx) is met by extrapolating
+     the alarm count's exponential tail (``detection.budget_threshold``), never below the
+     lowest threshold that raised no alarm at all.
+   * ``max-opened``: the lowest threshold at which no image raises anything, times ``margin``
+     (the rule before budgets; it promises silence on these images at any cost in sensitivity).
+   * ``quantile``: a pixel quantile of the score (a pixel false-positive rate).
+   * ``alarm-rate``: like ``budget`` but counted only, never extrapolated.
+4. **Residual** (``residual="auto"``): each candidate residual (``ssim``, ``l2`` and the
+   ``combined`` maximum of normalised SSIM and smoothed absolute difference) gets its own
+   threshold by the rule, and the one that finds the most synthetic defects (mean over kinds)
+   there wins. The table says plainly which kinds of defect the chosen score cannot see:
+   those it finds rarely at the chosen threshold, and those it ranks below chance (scores
+   lower than defect-free web: defects smoother than a stochastic texture, under a blurry
+   reconstruction).
 
-The images should be defect-free and unseen in training (``linescan train`` keeps 10 % of the
-training images out for this and calibrates on them when it finishes).
+Everything is stored in ``bundle.json`` under ``inspection.calibration``: the rule, the
+budget, the threshold and whether it was extrapolated, the candidates, the recall per kind,
+and the trade-off table (``operating_points``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 import numpy.typing as npt
 
 from linescan.backends import Backend
 from linescan.data.images import TestSample, read_grey, read_mask
+from linescan.data.plants import PLANT_KINDS, plant
+from linescan.detection import Counts, SparseMap, budget_threshold, count
 from linescan.errors import DataError
-from linescan.model.bundle import BundleMeta
-from linescan.pipeline import Settings, reconstruct
-from linescan.preprocess import InputSpec
+from linescan.model.bundle import BundleMeta, save_score, update_meta
+from linescan.pipeline import Settings, opening_for, reconstruct, scoring_for
+from linescan.residual import COMPONENTS, Component, ResidualKind, residual_components
+from linescan.score import ScoreModel, Scoring, learn_score, score_image
 from linescan.segment import grey_open
 
-Rule = Literal["max-opened", "quantile", "alarm-rate"]
-RULES: tuple[Rule, ...] = ("max-opened", "quantile", "alarm-rate")
-GRID_POINTS = 32
-# Opened maps kept for the trade-off table; above this they are recomputed (model time again).
-KEEP_BYTES = 512 << 20
+Rule = Literal["budget", "max-opened", "quantile", "alarm-rate"]
+RULES: tuple[Rule, ...] = ("budget", "max-opened", "quantile", "alarm-rate")
+DEFAULT_BUDGET_PER_MPX = 0.05
+GRID_POINTS = 48
+MAX_IMAGES = 200  # calibration images beyond this are thinned evenly (memory, time)
+POOR_RECALL = 0.2  # a kind found less often than this at the chosen threshold is "not seen"
 F32 = npt.NDArray[np.float32]
+Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class Calibration:
     threshold: float
     record: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class OperatingPoint:
-    """What one threshold does on the calibration images (and labelled defect images)."""
-
-    threshold: float
-    rules: tuple[str, ...]  # the rules whose threshold this is, e.g. ("max-opened x1.1",)
-    alarms_per_image: float  # false alarms (regions) per defect-free image
-    alarms_per_mpx: float  # per megapixel of camera image
-    clean_images: float  # share of defect-free images with no alarm
-    defect_images_found: float | None  # share of defect images with a region on the defect
-    defect_regions_found: float | None  # share of ground-truth regions a region touches
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["rules"] = list(self.rules)
-        return d
+    residual: ResidualKind  # the residual the threshold belongs to
+    score: ScoreModel | None  # statistics learned here (None: the bundle's are kept)
 
 
 @dataclass
-class _Map:
-    """One image's opened residual at model scale (None once dropped to save memory)."""
+class _Image:
+    """One image's model input and residual components (kept for every candidate residual)."""
 
-    path: Path
-    opened: F32 | None
+    x: F32
+    comps: dict[Component, F32]
     shape: tuple[int, int]  # the camera image's (height, width)
-    gt: npt.NDArray[np.int32] | None = None  # ground-truth region labels at model scale
+    gt: npt.NDArray[np.int32] | None = None  # ground-truth labels at model scale
     gt_regions: int = 0
-    sample: TestSample | None = None  # a labelled defect image: where to recompute from
+    gt_kinds: tuple[str, ...] = ()
 
 
-def _count_regions(
-    opened: F32, threshold: float, min_area: int, spec: InputSpec, shape: tuple[int, int]
-) -> tuple[int, npt.NDArray[np.bool_]]:
-    """Regions the inspection would report at ``threshold`` (the opening commutes with
-    thresholding, so the opened map thresholded is the opened mask) and their pixels."""
-    flagged = (opened >= np.float32(threshold)).astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(flagged, connectivity=8)
-    if n <= 1:
-        return 0, flagged.astype(bool)
-    if min_area > 0:
-        areas = stats[1:, cv2.CC_STAT_AREA]
-        keep = np.array([spec.area_to_original(int(a), *shape) >= min_area for a in areas])
-        if not keep.all():
-            kept: npt.NDArray[np.bool_] = np.isin(labels, np.flatnonzero(keep) + 1)
-            return int(keep.sum()), kept
-    return int(n - 1), flagged.astype(bool)
+def candidates(meta: BundleMeta, residual: str | None, have_stats: bool) -> list[ResidualKind]:
+    """The residuals calibration chooses from."""
+    if meta.variant == "vae":
+        return ["vae"]
+    if residual is None or residual == "keep":
+        return [meta.residual]
+    if residual == "auto":
+        return ["ssim", "combined", "l2"] if have_stats else [meta.residual]
+    if residual not in COMPONENTS or residual == "vae":
+        raise ValueError(f"unknown residual {residual!r}; expected auto, ssim, l2 or combined")
+    if residual == "combined" and not have_stats:
+        raise ValueError("the combined residual needs score statistics")
+    return [residual]
 
 
-def _gt_at_model_scale(mask: npt.NDArray[np.bool_], spec: InputSpec) -> npt.NDArray[np.bool_]:
-    """A model pixel is defective when any camera pixel it covers is: the model's own
-    down-scaling (a block mean, or an area resize) of the mask is above zero exactly there."""
-    out: npt.NDArray[np.bool_] = spec.to_model(mask.astype(np.uint8)) > 0
+def calibrate(
+    paths: Sequence[Path],
+    meta: BundleMeta,
+    backend: Backend,
+    rule: Rule = "budget",
+    margin: float = 1.1,
+    quantile: float = 0.999,
+    settings: Settings = Settings(),
+    *,
+    budget_per_mpx: float = DEFAULT_BUDGET_PER_MPX,
+    max_alarms_per_mpx: float = 0.1,
+    defects: Sequence[TestSample] = (),
+    plants: int = 2,
+    residual: str | None = "auto",
+    statistics: Literal["refresh", "keep"] = "refresh",
+    lines_per_metre: float | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Calibration:
+    """Statistics, residual and threshold from defect-free images (see the module doc)."""
+    if not paths:
+        raise DataError("calibration needs at least one defect-free image")
+    if rule not in RULES:
+        raise ValueError(f"unknown calibration rule {rule!r}; expected one of {RULES}")
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    if margin <= 0:
+        raise ValueError(f"margin must be > 0, got {margin}")
+    for name, v in (("budget_per_mpx", budget_per_mpx), ("max_alarms_per_mpx", max_alarms_per_mpx)):
+        if not v >= 0 or not math.isfinite(v):
+            raise ValueError(f"{name} must be >= 0, got {v}")
+    if plants < 0:
+        raise ValueError(f"plants must be >= 0, got {plants}")
+    say = progress or (lambda _msg: None)
+    used = list(paths)
+    if len(used) > MAX_IMAGES:
+        used = [used[round(i * (len(used) - 1) / (MAX_IMAGES - 1))] for i in range(MAX_IMAGES)]
+    vae = meta.variant == "vae"
+    needed: list[Component] = ["vae"] if vae else ["dssim", "absdiff", "sqdiff"]
+    say(f"reconstructing {len(used)} defect-free image(s)")
+    goods = [_reconstruct(read_grey(p), meta, backend, settings, needed) for p in used]
+    model = meta.score
+    learned: ScoreModel | None = None
+    if statistics == "refresh" or model is None:
+        say("learning the score statistics")
+        learned = learn_score(
+            [g.x for g in goods],
+            [g.comps for g in goods],
+            learned={
+                "images": len(used),
+                "source": "calibrate",
+                "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            },
+        )
+        model = learned
+    kinds = candidates(meta, residual, model is not None)
+    scorings = {k: Scoring(k, model, scoring_for(meta, settings).fixed_columns) for k in kinds}
+    opening = opening_for(meta, settings)
+    planted: list[_Image] = []
+    if plants:
+        say(f"planting synthetic defects into {plants} cop(ies) of each image")
+        for i, (p, g) in enumerate(zip(used, goods, strict=True)):
+            pixels = read_grey(p)
+            for c in range(plants):
+                rng = np.random.default_rng([seed, i, c])
+                planted.append(_planted(pixels, g, rng, meta, backend, settings, needed, scorings))
+    labelled: list[_Image] = []
+    for d in defects:
+        if d.mask is not None:
+            labelled.append(_labelled(d, meta, backend, settings, needed))
+    say("counting alarms and defects found at every threshold")
+    results = {
+        k: _evaluate(
+            k,
+            scorings[k],
+            goods,
+            planted,
+            labelled,
+            opening,
+            meta,
+            settings,
+            rule,
+            margin,
+            quantile,
+            budget_per_mpx,
+            max_alarms_per_mpx,
+        )
+        for k in kinds
+    }
+    chosen = max(kinds, key=lambda k: (results[k]["expected_recall"] or 0.0, -kinds.index(k)))
+    res = results[chosen]
+    threshold = float(res["threshold"])
+    per_metre = None
+    if lines_per_metre:
+        per_metre = lines_per_metre * goods[0].shape[1] / 1e6  # Mpx per metre of web
+    record: dict[str, Any] = {
+        "rule": rule,
+        "budget_per_mpx": budget_per_mpx if rule == "budget" else None,
+        "budget_per_metre": (
+            budget_per_mpx * per_metre if rule == "budget" and per_metre is not None else None
+        ),
+        "lines_per_metre": lines_per_metre,
+        "margin": margin if rule == "max-opened" else None,
+        "quantile": quantile,
+        "max_alarms_per_mpx": max_alarms_per_mpx if rule == "alarm-rate" else None,
+        "threshold": threshold,
+        "extrapolated": res["extrapolated"],
+        "expected_alarms_per_mpx": res["expected_alarms_per_mpx"],
+        "residual": chosen,
+        "residual_choice": residual or "keep",
+        "statistics": "learned here" if learned is not None else "kept from the bundle",
+        "score": scorings[chosen].describe(goods[0].x.shape[1]),
+        "opening_disk_diameter": opening,
+        "images": len(paths),
+        "images_used": len(used),
+        "good_mpx": res["good_mpx"],
+        "plants_per_image": plants,
+        "planted": res["planted"],
+        "defect_images": len(labelled),
+        "expected_recall": res["expected_recall"],
+        "kinds": res["kinds"],  # recall at the threshold; auroc: peak vs defect-free windows
+        "not_seen": [k for k, v in res["kinds"].items() if v["verdict"] != "seen"],
+        "candidates": {
+            k: {
+                "threshold": r["threshold"],
+                "expected_recall": r["expected_recall"],
+                "extrapolated": r["extrapolated"],
+                "kinds": {kk: vv["recall"] for kk, vv in r["kinds"].items()},
+            }
+            for k, r in results.items()
+        },
+        "opened_max": res["opened_max"],
+        "pixel_quantile_value": res["quantile_value"],
+        "stride": settings.stride or meta.stride,
+        "min_area_px": settings.min_area_px,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "files": [str(p) for p in paths[:50]],
+        "operating_points": res["points"],
+    }
+    return Calibration(threshold, record, chosen, learned)
+
+
+# -------------------------------------------------------------------- per image
+
+
+def _reconstruct(
+    pixels: npt.NDArray[np.generic],
+    meta: BundleMeta,
+    backend: Backend,
+    settings: Settings,
+    needed: Sequence[Component],
+) -> _Image:
+    rec = reconstruct(pixels, meta, backend, settings)
+    comps: dict[Component, F32] = {}
+    for kind in ("ssim", "combined", "l2", "vae"):
+        if all(c in comps for c in COMPONENTS[kind]) or not any(
+            c in needed for c in COMPONENTS[kind]
+        ):
+            continue
+        got = residual_components(
+            kind, rec.model_input, rec.reconstruction, meta.ssim, meta.vae_sigma
+        )
+        comps.update({c: v for c, v in got.items() if c in needed})
+    return _Image(rec.model_input, comps, (int(pixels.shape[0]), int(pixels.shape[1])))
+
+
+def _model_labels(labels: npt.NDArray[np.int32], n: int, meta: BundleMeta) -> npt.NDArray[np.int32]:
+    """Camera-pixel region labels 1..n -> model scale: a model pixel is in region i when any
+    camera pixel it covers is (the model's own down-scaling of each region's mask)."""
+    out = np.zeros(meta.input.model_shape(*labels.shape), dtype=np.int32)
+    for i in range(1, n + 1):
+        out[meta.input.to_model((labels == i).astype(np.uint8)) > 0] = i
     return out
+
+
+def _planted(
+    pixels: npt.NDArray[np.generic],
+    good: _Image,
+    rng: np.random.Generator,
+    meta: BundleMeta,
+    backend: Backend,
+    settings: Settings,
+    needed: Sequence[Component],
+    scorings: dict[ResidualKind, Scoring],
+) -> _Image:
+    """The image with one synthetic defect of each kind, on the web."""
+    first = next(iter(scorings.values()))
+    _, runs = score_image(first, good.comps, good.x)
+    n = meta.input.downscale
+    lefts = [e.left for _, _, e in runs if e.left is not None]
+    rights = [e.right for _, _, e in runs if e.right is not None]
+    margin = 8 * n
+    lo = max(lefts) * n + margin if lefts else 0
+    hi = min(rights) * n - margin if rights else pixels.shape[1]
+    max_value = float(2**meta.input.bit_depth - 1)
+    img, placed, labels = plant(pixels, rng, PLANT_KINDS, (lo, hi), max_value)
+    out = _reconstruct(img, meta, backend, settings, needed)
+    out.gt = _model_labels(labels, len(placed), meta)
+    out.gt_regions = len(placed)
+    out.gt_kinds = tuple(p.kind for p in placed)
+    return out
+
+
+def _labelled(
+    sample: TestSample,
+    meta: BundleMeta,
+    backend: Backend,
+    settings: Settings,
+    needed: Sequence[Component],
+) -> _Image:
+    import cv2
+
+    if sample.mask is None:  # pragma: no cover - callers filter
+        raise ValueError("a labelled sample needs a mask")
+    pixels = read_grey(sample.image)
+    mask = read_mask(sample.mask)
+    if mask.shape != pixels.shape:
+        raise DataError(
+            f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]}, its image "
+            f"{sample.image} is {pixels.shape[1]}x{pixels.shape[0]}"
+        )
+    out = _reconstruct(pixels, meta, backend, settings, needed)
+    small = meta.input.to_model(mask.astype(np.uint8)) > 0
+    n, labels = cv2.connectedComponents(small.astype(np.uint8), connectivity=8)
+    out.gt = labels.astype(np.int32)
+    out.gt_regions = int(n - 1)
+    return out
+
+
+# -------------------------------------------------------------------- counting
+
+
+def _evaluate(
+    kind: ResidualKind,
+    scoring: Scoring,
+    goods: Sequence[_Image],
+    planted: Sequence[_Image],
+    labelled: Sequence[_Image],
+    opening: int,
+    meta: BundleMeta,
+    settings: Settings,
+    rule: Rule,
+    margin: float,
+    quantile: float,
+    budget_per_mpx: float,
+    max_alarms_per_mpx: float,
+) -> dict[str, Any]:
+    """Thresholds, counts and the rule's threshold for one candidate residual."""
+    good_scores: list[F32] = []
+    good_open: list[F32] = []
+    rng = np.random.default_rng(0)
+    sample: list[F32] = []
+    for g in goods:
+        s, _ = score_image(scoring, g.comps, g.x)
+        good_scores.append(s)
+        good_open.append(grey_open(s, opening))
+        flat = s.ravel()
+        sample.append(flat if flat.size <= 100_000 else rng.choice(flat, 100_000, replace=False))
+    pooled = np.concatenate(sample)
+    q_value = float(np.quantile(pooled, quantile))
+    opened_max = [float(o.max()) for o in good_open]
+    top = max(opened_max)
+    floor = float(np.quantile(pooled, 0.99))
+    floor = min(floor, q_value, top)
+    maps = [
+        SparseMap.build(o, floor, g.shape[0] * g.shape[1])
+        for o, g in zip(good_open, goods, strict=True)
+    ]
+    plant_maps = []
+    ranks: dict[str, list[float]] = {}  # per kind: P(plant peak > a good window's peak)
+    window_rng = np.random.default_rng(1)
+    for p in planted:
+        s, _ = score_image(scoring, p.comps, p.x)
+        opened = grey_open(s, opening)
+        maps.append(
+            SparseMap.build(opened, floor, p.shape[0] * p.shape[1], p.gt, p.gt_regions, p.gt_kinds)
+        )
+        plant_maps.append(maps[-1])
+        if p.gt is not None:
+            for i, k in enumerate(p.gt_kinds, start=1):
+                rank = _peak_rank(opened, p.gt == i, good_open, window_rng)
+                if rank is not None:
+                    ranks.setdefault(k, []).append(rank)
+    real = []
+    for d in labelled:
+        s, _ = score_image(scoring, d.comps, d.x)
+        px = d.shape[0] * d.shape[1]
+        real.append(SparseMap.build(grey_open(s, opening), floor, px, d.gt, d.gt_regions))
+    hi = max([top, *(float(m.values.max()) for m in maps + real if m.values.size)]) * 1.05
+    hi = max(hi, floor * 1.5, floor + 1e-6)
+    rule_values = {
+        f"max-opened x{margin:g}": top * margin,
+        "max-opened x1": float(np.nextafter(np.float32(top), np.float32(np.inf))),
+        f"quantile {quantile:g}": q_value,
+    }
+    grid = set(np.linspace(floor, hi, GRID_POINTS).tolist()) | set(rule_values.values())
+    thresholds = sorted(t for t in grid if t >= floor)
+
+    def area(a: int) -> int:
+        return meta.input.area_to_original(a, *goods[0].shape)
+
+    synth = count(maps, thresholds, area, settings.min_area_px)
+    reals = count(maps[: len(goods)] + real, thresholds, area, settings.min_area_px)
+    budget = budget_threshold(synth, budget_per_mpx)
+    alarm_rate = _alarm_rate(synth, max_alarms_per_mpx)
+    rule_values[f"budget {budget_per_mpx:g}/Mpx"] = budget.threshold
+    rule_values[f"alarm-rate {max_alarms_per_mpx:g}/Mpx"] = alarm_rate
+    chosen = {
+        "budget": budget.threshold,
+        "max-opened": top * margin,
+        "quantile": q_value,
+        "alarm-rate": alarm_rate,
+    }[rule]
+    if chosen not in thresholds:  # an extrapolated budget lies between grid points
+        thresholds = sorted({*thresholds, chosen, *rule_values.values()})
+        synth = count(maps, thresholds, area, settings.min_area_px)
+        reals = count(maps[: len(goods)] + real, thresholds, area, settings.min_area_px)
+    idx = thresholds.index(chosen)
+    kind_recall = synth.kind_recall()
+    kinds: dict[str, dict[str, Any]] = {}
+    for k, rec in kind_recall.items():
+        auc = float(np.mean(ranks[k])) if ranks.get(k) else None
+        r = float(rec[idx])
+        verdict = "seen"
+        if auc is not None and auc < 0.5:
+            verdict = "ranked below chance"
+        elif r < POOR_RECALL:
+            verdict = "rarely found"
+        kinds[k] = {"recall": r, "auroc": auc, "verdict": verdict, "planted": synth.by_kind[k][1]}
+    expected = float(np.mean([v["recall"] for v in kinds.values()])) if kinds else None
+    names: dict[float, list[str]] = {}
+    for name, value in rule_values.items():
+        names.setdefault(value, []).append(name)
+    points = []
+    for i, t in enumerate(thresholds):
+        rr, ir = reals.region_recall(), reals.image_recall()
+        points.append(
+            {
+                "threshold": float(t),
+                "rules": names.get(float(t), []),
+                "alarms_per_image": float(synth.alarms_per_image()[i]),
+                "alarms_per_mpx": float(synth.alarms_per_mpx()[i]),
+                "clean_images": float(1 - synth.alarmed_images[i] / max(synth.good_images, 1)),
+                "synthetic_recall": (
+                    float(np.mean([v[i] for v in kind_recall.values()])) if kind_recall else None
+                ),
+                "defect_images_found": None if ir is None else float(ir[i]),
+                "defect_regions_found": None if rr is None else float(rr[i]),
+            }
+        )
+    return {
+        "threshold": chosen,
+        "extrapolated": budget.extrapolated if rule == "budget" else False,
+        "expected_alarms_per_mpx": (
+            budget.expected_alarms_per_mpx
+            if rule == "budget"
+            else float(synth.alarms_per_mpx()[idx])
+        ),
+        "expected_recall": expected,
+        "kinds": kinds,
+        "planted": len(plant_maps) and sum(m.gt_regions for m in plant_maps),
+        "good_mpx": synth.good_mpx,
+        "opened_max": {
+            "min": min(opened_max),
+            "median": float(np.median(opened_max)),
+            "max": top,
+        },
+        "quantile_value": q_value,
+        "points": points,
+        "counts": synth,
+    }
+
+
+def _alarm_rate(counts: Counts, target: float) -> float:
+    """The lowest threshold with at most ``target`` alarms per Mpx there and at every higher
+    threshold (region counts need not fall monotonically: one region can split in two)."""
+    ts, per = counts.thresholds, counts.alarms_per_mpx()
+    best = float(ts[-1])
+    for t, a in zip(ts[::-1], per[::-1], strict=True):
+        if a > target:
+            break
+        best = float(t)
+    return best
+
+
+def _peak_rank(
+    opened: F32,
+    region: npt.NDArray[np.bool_],
+    goods: Sequence[F32],
+    rng: np.random.Generator,
+    windows: int = 32,
+) -> float | None:
+    """How a planted defect ranks against defect-free web: the share of same-sized windows of
+    the defect-free images whose highest opened score is below the defect's (ties half).
+
+    Region against window, not pixel against pixel: SSIM marks a flat spot's rim, not its
+    inside, and a detector is judged by whether its peak stands out. 0.5 is chance.
+    """
+    ys, xs = np.nonzero(region)
+    if ys.size == 0:
+        return None
+    pad = 2  # the residual's response reaches past the defect's own pixels
+    h, w = opened.shape
+    y0, y1 = max(0, int(ys.min()) - pad), min(h, int(ys.max()) + 1 + pad)
+    x0, x1 = max(0, int(xs.min()) - pad), min(w, int(xs.max()) + 1 + pad)
+    peak = float(opened[y0:y1, x0:x1].max())
+    bh, bw = y1 - y0, x1 - x0
+    wins = []
+    for _ in range(windows):
+        g = goods[int(rng.integers(len(goods)))]
+        if g.shape[0] < bh or g.shape[1] < bw:
+            continue
+        gy = int(rng.integers(0, g.shape[0] - bh + 1))
+        gx = int(rng.integers(0, g.shape[1] - bw + 1))
+        wins.append(float(g[gy : gy + bh, gx : gx + bw].max()))
+    if not wins:
+        return None
+    arr = np.asarray(wins)
+    return float((np.sum(arr < peak) + 0.5 * np.sum(arr == peak)) / arr.size)
+
+
+# -------------------------------------------------------------------- reports
 
 
 def format_points(points: Sequence[dict[str, Any]], chosen: float) -> str:
     """The trade-off table ``linescan calibrate`` prints (from the record's dicts)."""
-    has_defects = any(p["defect_images_found"] is not None for p in points)
+    has_defects = any(p.get("defect_images_found") is not None for p in points)
+    has_synth = any(p.get("synthetic_recall") is not None for p in points)
     head = ["threshold", "alarms/image", "alarms/Mpx", "clean images"]
+    if has_synth:
+        head += ["synthetic found"]
     if has_defects:
         head += ["defect images found", "defect regions found"]
     rows = [[*head, "rule"]]
@@ -133,10 +547,12 @@ def format_points(points: Sequence[dict[str, Any]], chosen: float) -> str:
             f"{p['alarms_per_mpx']:.3g}",
             f"{100 * p['clean_images']:.0f} %",
         ]
-        if has_defects:
-            for key in ("defect_images_found", "defect_regions_found"):
-                v = p[key]
-                row.append("-" if v is None else f"{100 * v:.0f} %")
+        keys = (["synthetic_recall"] if has_synth else []) + (
+            ["defect_images_found", "defect_regions_found"] if has_defects else []
+        )
+        for key in keys:
+            v = p.get(key)
+            row.append("-" if v is None else f"{100 * v:.0f} %")
         mark = "  <- chosen" if p["threshold"] == chosen else ""
         # Rows that change nothing but the threshold are left out, unless a rule names them.
         if row[1:] == last and not p["rules"] and not mark:
@@ -150,191 +566,41 @@ def format_points(points: Sequence[dict[str, Any]], chosen: float) -> str:
     )
 
 
-def calibrate(
-    paths: Sequence[Path],
-    meta: BundleMeta,
-    backend: Backend,
-    rule: Rule = "max-opened",
-    margin: float = 1.1,
-    quantile: float = 0.999,
-    settings: Settings = Settings(),
-    *,
-    max_alarms_per_mpx: float = 0.1,
-    defects: Sequence[TestSample] = (),
-) -> Calibration:
-    if not paths:
-        raise DataError("calibration needs at least one defect-free image")
-    if rule not in RULES:
-        raise ValueError(f"unknown calibration rule {rule!r}; expected one of {RULES}")
-    if not 0.0 < quantile < 1.0:
-        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
-    if margin <= 0:
-        raise ValueError(f"margin must be > 0, got {margin}")
-    if not max_alarms_per_mpx >= 0 or not math.isfinite(max_alarms_per_mpx):
-        raise ValueError(f"max_alarms_per_mpx must be >= 0, got {max_alarms_per_mpx}")
-    labelled = [d for d in defects if d.mask is not None]
-    opened_max: list[float] = []
-    samples: list[np.ndarray] = []
-    rng = np.random.default_rng(0)
-    goods: list[_Map] = []
-    kept = 0
-    for p in paths:
-        pixels = read_grey(p)
-        rec = reconstruct(pixels, meta, backend, settings)
-        opened = grey_open(rec.residual)
-        opened_max.append(float(opened.max()))
-        flat = rec.residual.ravel()
-        # A bounded sample per image keeps memory flat for thousands of large images.
-        samples.append(flat if flat.size <= 200_000 else rng.choice(flat, 200_000, replace=False))
-        keep = kept + opened.nbytes <= KEEP_BYTES
-        kept += opened.nbytes if keep else 0
-        goods.append(_Map(p, opened if keep else None, (pixels.shape[0], pixels.shape[1])))
-    pixels_all = np.concatenate(samples)
-    q_value = float(np.quantile(pixels_all, quantile))
-    top = max(opened_max)
-    bads = []
-    for d in labelled:
-        m = _defect_map(d, meta, backend, settings)
-        assert m.opened is not None and m.gt is not None  # noqa: PT018 - just made
-        need = m.opened.nbytes + m.gt.nbytes
-        if kept + need > KEEP_BYTES:  # recomputed when the table is made
-            m.opened, m.gt = None, None
-        else:
-            kept += need
-        bads.append(m)
-    # The range where the trade-off happens: from the defect-free pixels' 99th percentile (or
-    # the cleanest image's opened maximum) to above every rule's threshold.
-    # (A perfect reconstruction, residual 0 everywhere, still needs a range above zero.)
-    hi = max(top * max(1.25, margin * 1.1), 1e-6)
-    lo = max(min(float(np.quantile(pixels_all, 0.99)), min(opened_max)), hi * 1e-3)
-    grid = {float(t) for t in np.geomspace(lo, hi, GRID_POINTS)}
-    rule_values = {
-        f"max-opened x{margin:g}": top * margin,
-        # the lowest threshold with no alarm at all: just above the largest opened value
-        "max-opened x1": float(np.nextafter(np.float32(top), np.float32(np.inf))),
-        f"quantile {quantile:g}": q_value,
-    }
-    points = _operating_points(
-        sorted(grid | set(rule_values.values())), goods, bads, meta, backend, settings
-    )
-    alarm_value = _alarm_rate_threshold(points, max_alarms_per_mpx)
-    rule_values[f"alarm-rate {max_alarms_per_mpx:g}/Mpx"] = alarm_value
-    points = _label(points, rule_values)
-    if rule == "max-opened":
-        threshold = top * margin
-    elif rule == "quantile":
-        threshold = q_value
-    else:
-        threshold = alarm_value
-    record = {
-        "rule": rule,
-        "margin": margin if rule == "max-opened" else None,
-        "quantile": quantile,
-        "max_alarms_per_mpx": max_alarms_per_mpx if rule == "alarm-rate" else None,
-        "images": len(paths),
-        "defect_images": len(labelled),
-        "opened_max": {
-            "min": min(opened_max),
-            "median": float(np.median(opened_max)),
-            "max": max(opened_max),
-        },
-        "pixel_quantile_value": q_value,
-        "threshold": threshold,
-        "stride": settings.stride or meta.stride,
-        "min_area_px": settings.min_area_px,
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "files": [str(p) for p in paths[:50]],
-        "operating_points": [p.to_dict() for p in points],
-    }
-    return Calibration(threshold, record)
-
-
-def _alarm_rate_threshold(points: Sequence[OperatingPoint], target: float) -> float:
-    """The lowest threshold with at most ``target`` alarms per Mpx there and at every higher
-    threshold (region counts need not fall monotonically: one region can split in two)."""
-    best = max(p.threshold for p in points)
-    for p in sorted(points, key=lambda q: q.threshold, reverse=True):
-        if p.alarms_per_mpx > target:
-            break
-        best = p.threshold
-    return best
-
-
-def _label(points: Sequence[OperatingPoint], rule_values: dict[str, float]) -> list[OperatingPoint]:
-    names: dict[float, list[str]] = {}
-    for name, value in rule_values.items():
-        names.setdefault(value, []).append(name)
-    return [replace(p, rules=tuple(names.get(p.threshold, ()))) for p in points]
-
-
-def _defect_map(sample: TestSample, meta: BundleMeta, backend: Backend, settings: Settings) -> _Map:
-    assert sample.mask is not None
-    pixels = read_grey(sample.image)
-    mask = read_mask(sample.mask)
-    if mask.shape != pixels.shape:
-        raise DataError(
-            f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]}, its image "
-            f"{sample.image} is {pixels.shape[1]}x{pixels.shape[0]}"
-        )
-    rec = reconstruct(pixels, meta, backend, settings)
-    gt_small = _gt_at_model_scale(mask, meta.input)
-    if gt_small.shape != rec.residual.shape:  # pragma: no cover - same scaling rule
-        raise DataError(f"{sample.mask}: mask does not scale to the model's view")
-    n, labels = cv2.connectedComponents(gt_small.astype(np.uint8), connectivity=8)
-    shape = (pixels.shape[0], pixels.shape[1])
-    return _Map(
-        sample.image, grey_open(rec.residual), shape, labels.astype(np.int32), n - 1, sample
-    )
-
-
-def _operating_points(
-    thresholds: Sequence[float],
-    goods: Sequence[_Map],
-    bads: Sequence[_Map],
-    meta: BundleMeta,
-    backend: Backend,
-    settings: Settings,
-) -> list[OperatingPoint]:
-    """Counts at every threshold, image by image (a map dropped to save memory is recomputed
-    once here, not once per threshold)."""
-    k = len(thresholds)
-    alarms = np.zeros(k)
-    alarmed = np.zeros(k)
-    found_images = np.zeros(k)
-    found_regions = np.zeros(k)
-    gt_regions = sum(m.gt_regions for m in bads)
-    camera_px = sum(m.shape[0] * m.shape[1] for m in goods)
-    min_area = settings.min_area_px
-    for m in goods:
-        opened = m.opened
-        if opened is None:
-            opened = grey_open(reconstruct(read_grey(m.path), meta, backend, settings).residual)
-        for i, t in enumerate(thresholds):
-            n, _ = _count_regions(opened, t, min_area, meta.input, m.shape)
-            alarms[i] += n
-            alarmed[i] += n > 0
-    for m in bads:
-        if m.opened is None or m.gt is None:
-            if m.sample is None:  # pragma: no cover - _defect_map sets it
-                raise RuntimeError(f"{m.path}: defect map incomplete")
-            m = _defect_map(m.sample, meta, backend, settings)
-        opened, gt = m.opened, m.gt
-        assert opened is not None and gt is not None  # noqa: PT018 - just made
-        for i, t in enumerate(thresholds):
-            _, flagged = _count_regions(opened, t, min_area, meta.input, m.shape)
-            hit = np.unique(gt[flagged & (gt > 0)])
-            found_regions[i] += hit.size
-            found_images[i] += hit.size > 0
-    n_good = len(goods)
-    return [
-        OperatingPoint(
-            threshold=float(t),
-            rules=(),
-            alarms_per_image=float(alarms[i] / n_good),
-            alarms_per_mpx=float(alarms[i] / (camera_px / 1e6)),
-            clean_images=float(1 - alarmed[i] / n_good),
-            defect_images_found=float(found_images[i] / len(bads)) if bads else None,
-            defect_regions_found=float(found_regions[i] / gt_regions) if gt_regions else None,
-        )
-        for i, t in enumerate(thresholds)
+def format_kinds(record: dict[str, Any]) -> str:
+    """What the chosen threshold finds, kind by kind, and what it cannot see."""
+    kinds = record.get("kinds") or {}
+    if not kinds:
+        return "no synthetic defects were planted (--plants 0)"
+    lines = [
+        f"synthetic defects found at threshold {record['threshold']:.4g} "
+        f"({record['residual']} score), {record['plants_per_image']} planted cop(ies) per image:"
     ]
+    for k, v in kinds.items():
+        auc = "-" if v["auroc"] is None else f"{v['auroc']:.2f}"
+        note = "" if v["verdict"] == "seen" else f"  <- {v['verdict']}"
+        lines.append(f"  {k:<14} {100 * v['recall']:5.0f} % of {v['planted']:<4} AUROC {auc}{note}")
+    if record.get("not_seen"):
+        lines.append(
+            "this model cannot see: " + ", ".join(record["not_seen"]) + " (at this threshold; "
+            "see README: Thresholds)"
+        )
+    cands = record.get("candidates") or {}
+    if len(cands) > 1:
+        lines.append(
+            "residuals compared (expected recall at each one's own threshold): "
+            + ", ".join(f"{k} {100 * (v['expected_recall'] or 0):.0f} %" for k, v in cands.items())
+            + f"; chosen: {record['residual']}"
+        )
+    return "\n".join(lines)
+
+
+def store(path: Path, cal: Calibration) -> BundleMeta:
+    """Write a calibration into a bundle: residual, threshold, record and new statistics."""
+    changes: dict[str, Any] = {
+        "residual": cal.residual,
+        "threshold": cal.threshold,
+        "calibration": cal.record,
+    }
+    if cal.score is not None:
+        return save_score(path, cal.score, **changes)
+    return update_meta(path, **changes)

@@ -61,8 +61,8 @@ def _scale_arg(text: str) -> int:
 def cmd_train(a: argparse.Namespace) -> int:
     _configure_threads(a.threads, pipelined=False)  # first: before torch starts OpenMP
     from linescan.backends import create_backend
-    from linescan.calibrate import calibrate, format_points
-    from linescan.model.bundle import load_bundle, update_meta
+    from linescan.calibrate import calibrate, format_kinds, format_points, store
+    from linescan.model.bundle import load_bundle
     from linescan.preprocess import InputSpec
     from linescan.ssim import SSIMParams
     from linescan.train import TrainConfig, train
@@ -98,68 +98,125 @@ def cmd_train(a: argparse.Namespace) -> int:
         fm_weights=a.fm_weights,
         name=a.name,
         command=" ".join(shlex.quote(x) for x in ["linescan", *sys.argv[1:]]),
+        patience=a.patience,
+        min_improvement=a.min_improvement,
+        time_budget_s=a.time_budget,
+        opening_px=None if a.opening == "paper" else int(a.opening),
     )
     res = train(cfg)
     print(
-        f"saved {res.bundle} ({res.meta.model_id}); final loss {res.final_loss:.5f}, "
-        f"{res.seconds:.0f} s"
+        f"saved {res.bundle} ({res.meta.model_id}); {res.epochs} epochs ({res.stopped}), "
+        f"weights of epoch {res.best_epoch}, final loss {res.final_loss:.5f}, {res.seconds:.0f} s"
     )
-    if res.holdout_images:
-        bundle = load_bundle(res.bundle)
-        cal = calibrate(res.holdout_images, bundle.meta, create_backend(bundle))
-        update_meta(res.bundle, threshold=cal.threshold, calibration=cal.record)
+    bundle = load_bundle(res.bundle)
+    calib = res.holdout_images
+    if not calib:
+        from linescan.data.images import training_images
+
+        calib = training_images(a.data)
         print(
-            f"threshold {cal.threshold:.4f} ({cal.record['rule']}, "
-            f"{len(res.holdout_images)} held-out images); the trade-off on them:"
+            "no held-out images (fewer than 5 training images): calibrating on the training "
+            "images themselves, which flatters the model; run `linescan calibrate` on more "
+            "defect-free images"
         )
-        print(format_points(cal.record["operating_points"], cal.threshold))
-        print(
-            "`linescan calibrate --defects DIR` adds how many labelled defects each threshold "
-            "finds; README: Thresholds"
-        )
-    else:
-        print("no held-out images (fewer than 5): run `linescan calibrate` before inspecting")
+    cal = calibrate(
+        calib,
+        bundle.meta,
+        create_backend(bundle),
+        statistics="keep",  # learned on the training images; judged on images never seen
+        progress=_progress,
+    )
+    store(res.bundle, cal)
+    print(format_points(cal.record["operating_points"], cal.threshold))
+    print(format_kinds(cal.record))
+    print(
+        f"threshold {cal.threshold:.4g} on the {cal.residual} score ({_rule_text(cal.record)}, "
+        f"{len(calib)} image(s)); `linescan calibrate --data DIR` on more defect-free images "
+        "refines it; README: Thresholds"
+    )
     return 0
+
+
+def _progress(message: str) -> None:
+    print(f"  {message} ...", file=sys.stderr, flush=True)
+
+
+def _rule_text(record: dict[str, Any]) -> str:
+    rule = record["rule"]
+    if rule == "budget":
+        text = f"false-alarm budget {record['budget_per_mpx']:g}/Mpx"
+        if record.get("budget_per_metre") is not None:
+            text += f" = {record['budget_per_metre']:.3g}/m"
+        if record.get("extrapolated"):
+            text += ", extrapolated from the alarm tail"
+        return text
+    return str(rule)
 
 
 # --------------------------------------------------------------------------- calibrate
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from linescan.backends import create_backend
-    from linescan.calibrate import calibrate, format_points
-    from linescan.data.images import test_samples, training_images
+    from linescan.calibrate import calibrate, format_kinds, format_points, store
+    from linescan.data.images import read_grey, test_samples, training_images
     from linescan.errors import DataError
-    from linescan.model.bundle import load_bundle, update_meta
+    from linescan.model.bundle import load_bundle
     from linescan.pipeline import Settings
+    from linescan.train import opening_diameter
 
     bundle = load_bundle(a.model)
+    meta = bundle.meta
+    if a.opening is not None:
+        opening = (
+            4 if a.opening == "paper" else opening_diameter(int(a.opening), meta.input.downscale)
+        )
+        meta = replace(meta, opening=opening)
     paths = training_images(a.data)
     defects = [s for s in test_samples(a.defects) if s.mask is not None] if a.defects else []
     if a.defects and not defects:
         raise DataError(f"{a.defects}: no defect images with ground-truth masks under test/")
+    budget = a.alarms_per_mpx
+    if a.alarms_per_metre is not None:
+        if a.lines_per_metre is None:
+            raise DataError("--alarms-per-metre needs --lines-per-metre (camera lines per metre)")
+        width = read_grey(paths[0]).shape[1]
+        budget = a.alarms_per_metre / (a.lines_per_metre * width / 1e6)
     backend = create_backend(bundle, a.backend, a.precision)
     cal = calibrate(
         paths,
-        bundle.meta,
+        meta,
         backend,
         a.rule,
         a.margin,
         a.quantile,
         Settings(stride=a.stride, min_area_px=a.min_area),
+        budget_per_mpx=budget,
         max_alarms_per_mpx=a.max_alarms_per_mpx,
         defects=defects,
+        plants=a.plants,
+        residual=a.residual,
+        statistics="keep" if a.keep_statistics else "refresh",
+        lines_per_metre=a.lines_per_metre,
+        progress=None if a.json else _progress,
     )
     if not a.dry_run:
-        update_meta(a.model, threshold=cal.threshold, calibration=cal.record)
+        if meta.opening != bundle.meta.opening:
+            from linescan.model.bundle import update_meta
+
+            update_meta(a.model, opening=meta.opening)
+        store(a.model, cal)
     if a.json:
         print(json.dumps({"threshold": cal.threshold, **cal.record}, indent=2))
         return 0
     print(format_points(cal.record["operating_points"], cal.threshold))
+    print(format_kinds(cal.record))
     stored = "printed only (--dry-run)" if a.dry_run else f"stored in {a.model}/bundle.json"
     print(
-        f"\nthreshold {cal.threshold:.6g} by rule {cal.record['rule']} on {len(paths)} "
-        f"defect-free image(s)"
+        f"\nthreshold {cal.threshold:.6g} on the {cal.residual} score by rule "
+        f"{_rule_text(cal.record)} on {len(paths)} defect-free image(s)"
         + (f" and {len(defects)} labelled defect image(s)" if defects else "")
         + f"; {stored}. `--json` prints the whole record."
     )
@@ -196,7 +253,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         cv2.imwrite(str(a.out / f"{stem}_mask.png"), mask)
         cv2.imwrite(
             str(a.out / f"{stem}_residual.png"),
-            heat_map(res.residual, res.threshold, h, w, meta.input),
+            heat_map(res.score, res.threshold, h, w, meta.input),
         )
         cv2.imwrite(
             str(a.out / f"{stem}_overlay.png"), overlay(to_display(img, meta.input.bit_depth), mask)
@@ -226,6 +283,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from linescan.backends import create_backend
     from linescan.evaluation_run import run_evaluation
     from linescan.model.bundle import load_bundle
+    from linescan.pipeline import Settings
 
     bundle = load_bundle(a.model)
     backend = create_backend(bundle, a.backend, a.precision)
@@ -237,6 +295,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         stride=a.stride,
         residual=a.residual,
         name=bundle.meta.name,
+        settings=Settings(threshold=a.threshold, min_area_px=a.min_area),
     )
     print(json.dumps(ev, indent=2))
     return 0
@@ -500,6 +559,19 @@ def cmd_keygen(a: argparse.Namespace) -> int:
     return 0
 
 
+def _duration_arg(text: str) -> float:
+    """45m, 2h, 900s or 900 -> seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    try:
+        scale = units.get(text[-1:], 1.0)
+        value = float(text[:-1] if text[-1:] in units else text) * scale
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"a duration like 45m, 2h or 900s, got {text!r}") from exc
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"a positive duration, got {text!r}")
+    return value
+
+
 def _size_arg(text: str) -> tuple[int, int]:
     """HxW (or N for a square) -> (height, width)."""
     return _resize_arg(text)
@@ -533,7 +605,37 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--latent", type=int, default=100, help="latent size d (paper: 100)")
     t.add_argument("--patch", type=int, default=128, help="patch size (multiple of 16)")
     t.add_argument("--patches", type=int, default=10_000, help="random crops (paper: 10,000)")
-    t.add_argument("--epochs", type=int, default=200, help="epochs (paper: 200)")
+    t.add_argument(
+        "--epochs",
+        type=int,
+        default=200,
+        help="most epochs (paper: 200); training stops earlier when the held-out loss stops "
+        "improving (--patience)",
+    )
+    t.add_argument(
+        "--patience",
+        type=int,
+        default=5,
+        help="stop after this many epochs without a held-out improvement (0: train --epochs)",
+    )
+    t.add_argument(
+        "--min-improvement",
+        type=float,
+        default=0.01,
+        help="relative improvement of the held-out loss that resets the patience (0.01 = 1 %%)",
+    )
+    t.add_argument(
+        "--time-budget",
+        type=_duration_arg,
+        default=None,
+        help="stop after this long (e.g. 45m, 2h, 900s), keeping the best weights so far",
+    )
+    t.add_argument(
+        "--opening",
+        default="4",
+        help="opening disk diameter in camera pixels (default 4: a 4-px scratch survives any "
+        "scale), or 'paper' for the paper's 4 model pixels",
+    )
     t.add_argument("--batch", type=int, default=64)
     t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--weight-decay", type=float, default=1e-5)
@@ -589,7 +691,50 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="defect-free images (MVTec layout: train/good) or a folder",
     )
-    c.add_argument("--rule", choices=["max-opened", "quantile", "alarm-rate"], default="max-opened")
+    c.add_argument(
+        "--rule",
+        choices=["budget", "max-opened", "quantile", "alarm-rate"],
+        default="budget",
+        help="budget (default): the lowest threshold within a false-alarm budget",
+    )
+    c.add_argument(
+        "--alarms-per-mpx",
+        type=float,
+        default=0.05,
+        help="false-alarm budget per megapixel of defect-free web (default 0.05)",
+    )
+    c.add_argument(
+        "--alarms-per-metre",
+        type=float,
+        default=None,
+        help="the budget per metre of web instead (with --lines-per-metre)",
+    )
+    c.add_argument(
+        "--lines-per-metre", type=float, default=None, help="camera lines per metre of web"
+    )
+    c.add_argument(
+        "--plants",
+        type=int,
+        default=2,
+        help="copies of each image with synthetic defects planted, to measure what each "
+        "threshold finds (0: none)",
+    )
+    c.add_argument(
+        "--residual",
+        choices=["auto", "keep", "ssim", "l2", "combined"],
+        default="auto",
+        help="auto (default): the residual that finds the most synthetic defects",
+    )
+    c.add_argument(
+        "--keep-statistics",
+        action="store_true",
+        help="keep the bundle's score statistics (default: learn them from these images)",
+    )
+    c.add_argument(
+        "--opening",
+        default=None,
+        help="opening disk diameter in camera pixels, or 'paper' (default: the bundle's)",
+    )
     c.add_argument("--margin", type=float, default=1.1, help="factor on the max-opened value")
     c.add_argument(
         "--quantile", type=float, default=0.999, help="pixel quantile for --rule quantile"
@@ -636,9 +781,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stride", type=int, default=None)
     e.add_argument(
         "--residual",
-        choices=["ssim", "l2", "vae"],
+        choices=["ssim", "l2", "vae", "combined"],
         default=None,
         help="score with another residual than the bundle's (cross terms)",
+    )
+    e.add_argument("--threshold", type=float, default=None, help="override the bundle's")
+    e.add_argument(
+        "--min-area", type=int, default=0, help="ignore regions under this many camera pixels"
     )
     _add_engine_args(e)
     e.set_defaults(func=cmd_evaluate)

@@ -184,6 +184,15 @@ class InspectionConfig(_Section):
     lines_per_metre: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1000.0
     camera: str = "cam0"
     min_area_px: Annotated[int, Field(ge=0)] = 0
+    opening_px: Annotated[int, Field(ge=1, le=256)] | Literal["paper"] | None = None
+    """Diameter of the opening's disk in camera pixels, or "paper" (4 model pixels); None: the
+    bundle's (4 camera pixels for bundles trained since the score). The threshold was
+    calibrated with the bundle's: change both together (``linescan calibrate --opening``)."""
+    web_left_px: Annotated[int, Field(ge=0)] | None = None
+    """First camera column of the web; with ``web_right_px``, fixed web columns instead of the
+    edges the bundle tracks. Columns outside are never scored."""
+    web_right_px: Annotated[int, Field(ge=1)] | None = None
+    """One past the last camera column of the web."""
 
     @field_validator("camera")
     @classmethod

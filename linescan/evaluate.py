@@ -644,9 +644,91 @@ def plot_roc(
         raise OSError(f"could not write {path}")
 
 
-def write_evaluation(ev: Evaluation, out_dir: Path, name: str) -> None:
-    """Write ``out_dir/metrics.json`` (indent 2) and ``out_dir/roc.png`` (curve named ``name``)."""
+def write_evaluation(
+    ev: Evaluation, out_dir: Path, name: str, extra: Mapping[str, object] | None = None
+) -> None:
+    """Write ``out_dir/metrics.json`` (indent 2, with ``extra`` keys) and ``out_dir/roc.png``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = ev.to_metrics_json()
+    metrics = {**ev.to_metrics_json(), **(extra or {})}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     plot_roc({name: ev.roc}, out_dir / "roc.png", f"Pixel ROC: {name}")
+
+
+def plot_froc(
+    points: Sequence[Mapping[str, float | None]],
+    path: Path,
+    title: str,
+    *,
+    operating: Mapping[str, float | None] | None = None,
+    size: tuple[int, int] = (800, 600),
+) -> None:
+    """Defects found against false alarms per defect-free image (an FROC curve).
+
+    ``points`` hold ``false_alarms_per_image``, ``region_recall`` and ``image_recall``; the
+    x axis runs to the larger of 2 and the curve's reach (capped at 20); ``operating`` (the
+    calibrated threshold's point) is drawn as a ring.
+    """
+    width, height = size
+    img = np.full((height, width, 3), 255, dtype=np.uint8)
+    left, right, top, bottom = 80, 30, 50, 70
+    x0, x1, y0, y1 = left, width - right, height - bottom, top
+    fa = [p["false_alarms_per_image"] for p in points if p["false_alarms_per_image"] is not None]
+    x_max = float(min(20.0, max(2.0, *(fa or [0.0]))))
+    x_max = math.ceil(x_max)
+
+    def px(f: float, r: float) -> tuple[int, int]:
+        fx = min(f, x_max) / x_max
+        return round(x0 + fx * (x1 - x0)), round(y0 - r * (y0 - y1))
+
+    for v in np.linspace(0.0, 1.0, 6):
+        gy = round(y0 - v * (y0 - y1))
+        cv2.line(img, (x0, gy), (x1, gy), (230, 230, 230), 1)
+        label = f"{v:.1f}"
+        tw, th = _text_size(label, 0.45)
+        _text(img, label, (x0 - 10 - tw, gy + th // 2), 0.45)
+    for k in range(x_max + 1):
+        if x_max > 10 and k % 2:
+            continue
+        gx = round(x0 + k / x_max * (x1 - x0))
+        cv2.line(img, (gx, y1), (gx, y0), (230, 230, 230), 1)
+        label = str(k)
+        tw, th = _text_size(label, 0.45)
+        _text(img, label, (gx - tw // 2, y0 + 10 + th), 0.45)
+    cv2.rectangle(img, (x0, y1), (x1, y0), _BLACK, 1)
+    legend = []
+    for i, key in enumerate(("region_recall", "image_recall")):
+        pts = sorted(
+            (float(p["false_alarms_per_image"]), float(p[key]))  # type: ignore[arg-type]
+            for p in points
+            if p.get(key) is not None and p["false_alarms_per_image"] is not None
+        )
+        if not pts:
+            continue
+        colour = _COLOURS_BGR[i]
+        arr = np.array([px(f, r) for f, r in pts], dtype=np.int32)
+        cv2.polylines(img, [arr.reshape(-1, 1, 2)], False, colour, 2, cv2.LINE_AA)
+        legend.append((key.replace("_", " "), colour))
+        if operating is not None and operating.get(key) is not None:
+            f = operating.get("false_alarms_per_image") or 0.0
+            cv2.circle(img, px(float(f), float(operating[key] or 0.0)), 7, colour, 2, cv2.LINE_AA)
+    for i, (text, colour) in enumerate(legend):
+        ly = y1 + 20 + 22 * i
+        cv2.line(img, (x1 - 200, ly), (x1 - 172, ly), colour, 2, cv2.LINE_AA)
+        _text(img, text, (x1 - 166, ly + 5), 0.5)
+    if operating is not None:
+        _text(img, "o calibrated threshold", (x1 - 200, y1 + 20 + 22 * len(legend) + 5), 0.5)
+    tw, _ = _text_size(title, 0.65)
+    _text(img, title, (max(5, (width - tw) // 2), top - 18), 0.65)
+    xl = "False alarms per defect-free image (published regions)"
+    tw, _ = _text_size(xl, 0.55)
+    _text(img, xl, ((x0 + x1 - tw) // 2, height - 20), 0.55)
+    yl = "Defects found"
+    tw, th = _text_size(yl, 0.55)
+    strip = np.full((th + 10, tw + 4, 3), 255, dtype=np.uint8)
+    _text(strip, yl, (2, th + 3), 0.55)
+    rotated = cv2.rotate(strip, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    rh, rw = rotated.shape[:2]
+    ry = max(0, (y0 + y1 - rh) // 2)
+    img[ry : ry + rh, 8 : 8 + rw] = rotated[: height - ry]
+    if not cv2.imwrite(str(path), img):
+        raise OSError(f"could not write {path}")

@@ -141,6 +141,14 @@ class Metrics:
         self.defects_total = Counter(
             "linescan_defects_total", "Defects found, by camera.", ["camera"], registry=registry
         )
+        self.web_edge_px = Gauge(
+            "linescan_web_edge_px",
+            "Where the web's edge is (camera pixel column; left: its first column, right: one "
+            "past its last), by camera and side, in the latest block of lines: operators watch "
+            "the web wander. Absent while no edge is tracked.",
+            ["camera", "side"],
+            registry=registry,
+        )
         self.events_published_total = Counter(
             "linescan_events_published_total",
             "Messages published, by topic.",

@@ -1,15 +1,18 @@
-"""Residual -> mask -> regions: threshold, opening with a disk of diameter 4, 8-connected parts.
+"""Score -> mask -> regions: threshold, opening with a disk, 8-connected parts.
 
 The opening is a true opening (erosion by the disk, then dilation by its reflection), so it
-commutes with thresholding: ``open(residual >= t) == (grey_open(residual) >= t)``. Calibration
-uses that to find, exactly, the lowest threshold at which a defect-free image stays clean.
-With the 4x4 disk anchored at (2, 2), an opened pixel depends on ``OPEN_HALO`` = 3 rows on each
+commutes with thresholding: ``open(score >= t) == (grey_open(score) >= t)``. Calibration uses
+that to count, exactly, the regions every threshold would raise. The paper opens with a disk of
+diameter 4 model pixels; a bundle states its own diameter (``opening_diameter``: chosen in camera
+pixels, so that a 1/2-scale model does not erase a 4-pixel scratch). With a disk of diameter d
+anchored at (d // 2, d // 2), an opened pixel depends on ``open_halo(d)`` = d - 1 rows on each
 side; the daemon opens chunks with that halo and keeps the centre.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -22,10 +25,36 @@ U8 = npt.NDArray[np.uint8]
 # The disk of diameter 4, written out: OpenCV's MORPH_ELLIPSE of size 4x4 is lopsided (its top
 # row has one pixel, its bottom row two), which would make "opening" depend on orientation.
 DISK: U8 = np.array([[0, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 0]], dtype=np.uint8)
-_ANCHOR = (2, 2)
-_DISK_REFLECTED = np.ascontiguousarray(DISK[::-1, ::-1])
-_ANCHOR_REFLECTED = (DISK.shape[1] - 1 - _ANCHOR[0], DISK.shape[0] - 1 - _ANCHOR[1])
-OPEN_HALO = 3
+PAPER_DIAMETER = 4  # the paper's opening, in model pixels
+OPEN_HALO = 3  # rows of context the paper's opening needs on each side (``open_halo(4)``)
+
+
+def disk(diameter: int) -> U8:
+    """The digital disk of ``diameter`` pixels: pixel centres within diameter / 2 of the centre.
+
+    Symmetric under flips and 90-degree turns for every diameter (``disk(4) == DISK``); 1 is a
+    single pixel (no opening), 2 a 2x2 square, 3 a 3x3 square.
+    """
+    if diameter < 1:
+        raise ValueError(f"opening diameter must be >= 1, got {diameter}")
+    c = np.arange(diameter, dtype=np.float64) + 0.5 - diameter / 2.0
+    r2 = c[:, None] ** 2 + c[None, :] ** 2
+    out: U8 = (r2 <= (diameter / 2.0) ** 2 + 1e-9).astype(np.uint8)
+    return out
+
+
+def open_halo(diameter: int) -> int:
+    """Rows of context an opened pixel depends on, on each side."""
+    return diameter - 1
+
+
+@lru_cache(maxsize=16)
+def _structuring(diameter: int) -> tuple[U8, tuple[int, int], U8, tuple[int, int]]:
+    k = disk(diameter)
+    anchor = (diameter // 2, diameter // 2)
+    reflected = np.ascontiguousarray(k[::-1, ::-1])
+    anchor_reflected = (diameter - 1 - anchor[0], diameter - 1 - anchor[1])
+    return k, anchor, reflected, anchor_reflected
 
 
 @dataclass(frozen=True)
@@ -44,17 +73,23 @@ class Region:
         return asdict(self)
 
 
-def open_mask(mask: U8) -> U8:
-    """Binary opening (0/1 uint8) with the disk of diameter 4."""
-    eroded = cv2.erode(mask, DISK, anchor=_ANCHOR)
-    out: U8 = cv2.dilate(eroded, _DISK_REFLECTED, anchor=_ANCHOR_REFLECTED)
+def open_mask(mask: U8, diameter: int = PAPER_DIAMETER) -> U8:
+    """Binary opening (0/1 uint8) with the disk of ``diameter`` pixels (default: the paper's)."""
+    if diameter <= 1:
+        return mask
+    k, anchor, reflected, anchor_reflected = _structuring(diameter)
+    eroded = cv2.erode(mask, k, anchor=anchor)
+    out: U8 = cv2.dilate(eroded, reflected, anchor=anchor_reflected)
     return out
 
 
-def grey_open(residual: F32) -> F32:
+def grey_open(residual: F32, diameter: int = PAPER_DIAMETER) -> F32:
     """Grey-level opening: the highest threshold at which each pixel survives the opening."""
-    eroded = cv2.erode(residual, DISK, anchor=_ANCHOR)
-    out: F32 = cv2.dilate(eroded, _DISK_REFLECTED, anchor=_ANCHOR_REFLECTED)
+    if diameter <= 1:
+        return residual
+    k, anchor, reflected, anchor_reflected = _structuring(diameter)
+    eroded = cv2.erode(residual, k, anchor=anchor)
+    out: F32 = cv2.dilate(eroded, reflected, anchor=anchor_reflected)
     return out
 
 

@@ -262,6 +262,11 @@ def _kernels(params: SSIMParams) -> tuple[F32, F32]:
     return np.ascontiguousarray(k[None, :]), k
 
 
+def window_kernels(params: SSIMParams) -> tuple[F32, F32]:
+    """The SSIM window's row kernel (1 x K, for ``cv2.filter2D``) and column kernel (K)."""
+    return _kernels(params)
+
+
 def _ssim_strip(
     x: F32, y: F32, out: F32, start: int, stop: int, params: SSIMParams, residual: bool
 ) -> None:

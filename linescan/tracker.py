@@ -1,4 +1,4 @@
-"""The streaming back half: stitch -> residual -> mask -> regions, one segment at a time.
+"""The streaming back half: stitch -> residual -> score -> mask -> regions, one segment at a time.
 
 Fed the tile rows of a ``Band`` (after inference), in order, it produces exactly the regions
 the offline pipeline finds on the whole segment (``tests/test_streaming.py`` checks it for
@@ -10,7 +10,12 @@ random splits of a web into frames). How rows become final:
 * residual: a residual row needs ``halo`` (5 for an 11-window SSIM) final rows below it; it is
   computed on a chunk with that halo on both sides and only the centre is kept, so the
   OpenCV filters do the same arithmetic as on the whole image.
-* mask: the opening needs 3 rows on each side, handled the same way.
+* score: element-wise from the residual row, its column, the web's edges in its block of rows
+  (``web.EdgeTracker``, fed the input rows as they arrive: a block's edges are known long
+  before its residual rows are final) and its distance from the segment's ends. The last rows
+  of a segment are final only at its end, when its length is known.
+* mask: the opening needs ``open_halo(d)`` rows on each side (3 for the paper's disk),
+  handled the same way.
 * regions: 8-connected components of the final mask rows. One that touches the last final
   row may continue and stays open; the others are closed, emitted once and erased, and rows
   above every open component are dropped.
@@ -27,21 +32,25 @@ import numpy.typing as npt
 
 from linescan.lines import TileJob
 from linescan.preprocess import InputSpec
-from linescan.residual import ResidualKind, compute_residual, halo
+from linescan.residual import DssimFn, ResidualKind, halo, residual_components
+from linescan.score import Scoring
 from linescan.segment import (
-    OPEN_HALO,
+    PAPER_DIAMETER,
     Component,
     Region,
     label_components,
+    open_halo,
     open_mask,
     threshold_mask,
 )
 from linescan.ssim import SSIMParams
 from linescan.tiling import TileGrid, accumulate
+from linescan.web import Edges
 
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
-ResidualFn = Callable[[F32, F32], F32]  # (input (H, W), reconstruction (C, H, W)) -> residual
+# (input (H, W), reconstruction (C, H, W)) -> 1 - SSIM: another engine with the same definition
+ResidualFn = Callable[[F32, F32], F32]
 
 
 class Rows:
@@ -103,6 +112,8 @@ class Tracker:
         line0: int = 0,
         xs: list[int] | None = None,
         residual_fn: ResidualFn | None = None,
+        scoring: Scoring | None = None,
+        opening: int = PAPER_DIAMETER,
     ) -> None:
         self.segment = segment
         self.spec = spec
@@ -116,12 +127,20 @@ class Tracker:
         self.line0 = line0
         self.xs = xs if xs is not None else grid.positions(width)
         self.halo = halo(residual, ssim)
-        # another residual engine with the same definition (the fused CUDA kernel) may stand in
+        # another 1 - SSIM engine with the same definition (the fused CUDA kernel) may stand in
         self.residual_fn = residual_fn
+        self._dssim: DssimFn | None = None
+        if residual_fn is not None:
+            fn = residual_fn
+            self._dssim = lambda x, r: fn(x, r[None])
+        self.scoring = scoring if scoring is not None else Scoring(residual)
+        self.opening = opening
+        self.open_halo = open_halo(opening)
+        self.edges = self.scoring.edge_tracker(width)
         self.x = Rows(width)  # model input rows
         self.acc = Rows(width, channels)  # reconstruction sums
         self.cnt = Rows(width)  # tile counts
-        self.res = Rows(width)  # final residual rows
+        self.res = Rows(width)  # final score rows (the normalised residual)
         self.mask = Rows(width)  # final opened mask rows (0/1 as float32)
         self.recon_final = 0  # rows [0, recon_final) of the reconstruction are final
         self.res_final = 0
@@ -140,6 +159,7 @@ class Tracker:
             if job.rows_start != self.x.end:
                 raise RuntimeError(f"rows out of order: got {job.rows_start}, have {self.x.end}")
             self.x.append(job.new_rows)
+            self.edges.push(job.new_rows)
         self.raw_lines = job.raw_lines
         p, s = self.grid.tile, self.grid.stride
         if job.y is not None:
@@ -161,6 +181,7 @@ class Tracker:
             self.recon_final = max(self.recon_final, min(self._last_y + s, job.m_rows - p))
         if job.end:
             self.ended = True
+            self.edges.finish()
             if self.x.end >= p:
                 self.recon_final = self.x.end
             else:
@@ -169,29 +190,44 @@ class Tracker:
 
     # ------------------------------------------------------------------ internals
 
+    @property
+    def latest_edges(self) -> Edges:
+        """The web's edges in the latest block of rows (model pixels)."""
+        return self.edges.latest
+
     def _advance(self) -> list[Region]:
         end = self.ended
         h = self.halo
-        # residual rows [res_final, new_res) from reconstruction rows with a halo
+        # score rows [res_final, new_res) from reconstruction rows with a halo
         new_res = self.recon_final if end else self.recon_final - h
+        if not end:  # never reached in practice: a block's rows arrive a tile ahead
+            new_res = min(new_res, self.edges.ready_rows())
         if new_res > self.res_final:
             a = max(0, self.res_final - h)
             b = self.recon_final
             x = self.x.view(a, b)
             rec = self.acc.view(a, b) / self.cnt.view(a, b)[None]
             rec32 = rec.astype(np.float32)
-            if self.residual_fn is not None:
-                r = self.residual_fn(x, rec32)
-            else:
-                r = compute_residual(self.kind, x, rec32, self.ssim, self.vae_sigma)
-            self.res.append(r[self.res_final - a : new_res - a])
+            comps = residual_components(
+                self.kind, x, rec32, self.ssim, self.vae_sigma, dssim=self._dssim
+            )
+            keep = slice(self.res_final - a, new_res - a)
+            score = self.scoring.score(
+                {k: v[keep] for k, v in comps.items()},
+                self.edges.edges_for(self.res_final, new_res),
+                self.res_final,
+                self.x.end if end else None,
+            )
+            self.res.append(score)
             self.res_final = new_res
-        # mask rows from residual rows with the opening's halo
-        new_mask = self.res_final if end else self.res_final - OPEN_HALO
+            self.edges.drop_before(self.res_final)
+        # mask rows from score rows with the opening's halo
+        oh = self.open_halo
+        new_mask = self.res_final if end else self.res_final - oh
         if new_mask > self.mask_final:
-            a = max(0, self.mask_final - OPEN_HALO)
+            a = max(0, self.mask_final - oh)
             chunk = self.res.view(a, self.res_final)
-            opened = open_mask(threshold_mask(chunk, self.threshold))
+            opened = open_mask(threshold_mask(chunk, self.threshold), self.opening)
             self.mask.append(opened[self.mask_final - a : new_mask - a])
             self.mask_final = new_mask
         regions = self._regions(end)
@@ -217,7 +253,7 @@ class Tracker:
             box = labels[a:b, comp.x0 : comp.x1] == i
             m[a:b, comp.x0 : comp.x1][box] = 0
         self.mask.drop_before(open_top)
-        self.res.drop_before(min(open_top, self.mask_final - OPEN_HALO))
+        self.res.drop_before(min(open_top, self.mask_final - self.open_halo))
         return out
 
     def _to_region(self, comp: Component) -> Region:

@@ -22,10 +22,10 @@ import torch
 from hypothesis import settings as hypothesis_settings
 
 from linescan.backends.torch_cpu import TorchBackend
-from linescan.calibrate import calibrate
+from linescan.calibrate import calibrate, store
 from linescan.data.images import test_samples, training_images
 from linescan.data.synthetic import write_synthetic_dataset
-from linescan.model.bundle import Bundle, load_bundle, update_meta
+from linescan.model.bundle import Bundle, load_bundle
 from linescan.preprocess import InputSpec
 from linescan.train import TrainConfig, TrainResult, train
 
@@ -108,7 +108,7 @@ def _train_calibrated(data: Path, out: Path, **changes: Any) -> Trained:
     bundle = load_bundle(out)
     good = training_images(data) + [s.image for s in test_samples(data) if s.mask is None]
     cal = calibrate(good, bundle.meta, TorchBackend(bundle, precision="fp32"))
-    update_meta(out, threshold=cal.threshold, calibration=cal.record)
+    store(out, cal)
     return Trained(out, data, result)
 
 

@@ -1,4 +1,5 @@
-"""Tests of linescan.calibrate: thresholds from defect-free images, stored in the bundle."""
+"""Tests of linescan.calibrate: statistics, residual choice and threshold from defect-free
+images, synthetic defects, and what is stored in the bundle."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
 import pytest
 
 from linescan.backends import FunctionBackend
 from linescan.backends.torch_cpu import TorchBackend
-from linescan.calibrate import Calibration, calibrate, format_points
+from linescan.calibrate import Calibration, calibrate, format_kinds, format_points, store
 from linescan.data.images import (
     TestSample,
     read_grey,
@@ -20,8 +22,9 @@ from linescan.data.images import (
     training_images,
     write_grey,
 )
+from linescan.data.plants import PLANT_KINDS
 from linescan.errors import DataError
-from linescan.model.bundle import BundleMeta, load_bundle, update_meta
+from linescan.model.bundle import BundleMeta, load_bundle
 from linescan.pipeline import Settings, inspect_image, reconstruct
 from linescan.preprocess import InputSpec, upscale_to
 
@@ -40,40 +43,39 @@ def good(ssim_model: Trained) -> list[Path]:
     return _good_images(ssim_model)
 
 
+def _backend(trained: Trained) -> TorchBackend:
+    return TorchBackend(trained.load(), precision="fp32")
+
+
 def test_max_opened_threshold_keeps_every_good_image_clean(
     ssim_model: Trained, good: list[Path]
 ) -> None:
     """At the max-opened threshold no calibration image shows a region; at 0.9x the
     unmargined value at least one does (so the threshold is tight, not just high)."""
     bundle = ssim_model.load()
-    backend = TorchBackend(bundle, precision="fp32")
-    cal = calibrate(good, bundle.meta, backend, rule="max-opened", margin=1.1)
+    backend = _backend(ssim_model)
+    cal = calibrate(good, bundle.meta, backend, rule="max-opened", residual="keep", plants=0)
+    meta = replace(bundle.meta, score=cal.score)
     base = cal.record["opened_max"]["max"]
     assert cal.threshold == pytest.approx(1.1 * base)
     for p in good:
-        res = inspect_image(read_grey(p), bundle.meta, backend, Settings(threshold=cal.threshold))
+        res = inspect_image(read_grey(p), meta, backend, Settings(threshold=base * 1.0001))
         assert res.regions == [], p
-    # margin 1: the exact value still raises no alarm ...
-    for p in good:
-        res = inspect_image(read_grey(p), bundle.meta, backend, Settings(threshold=base * 1.0001))
-        assert res.regions == [], p
-    # ... and just below it, some image does
     flagged = [
         p
         for p in good
-        if inspect_image(read_grey(p), bundle.meta, backend, Settings(threshold=0.9 * base)).regions
+        if inspect_image(read_grey(p), meta, backend, Settings(threshold=0.9 * base)).regions
     ]
     assert flagged
 
 
-def test_quantile_rule_returns_the_pixel_quantile(ssim_model: Trained, good: list[Path]) -> None:
-    """The quantile rule's threshold is that quantile of all good residual pixels."""
+def test_quantile_rule_returns_the_score_quantile(ssim_model: Trained, good: list[Path]) -> None:
+    """The quantile rule's threshold is that quantile of all good score pixels."""
     bundle = ssim_model.load()
-    backend = TorchBackend(bundle, precision="fp32")
-    cal = calibrate(good, bundle.meta, backend, rule="quantile", quantile=0.99)
-    pixels = np.concatenate(
-        [reconstruct(read_grey(p), bundle.meta, backend).residual.ravel() for p in good]
-    )
+    backend = _backend(ssim_model)
+    cal = calibrate(good, bundle.meta, backend, rule="quantile", quantile=0.99, residual="keep")
+    meta = replace(bundle.meta, score=cal.score)
+    pixels = np.concatenate([reconstruct(read_grey(p), meta, backend).score.ravel() for p in good])
     assert cal.threshold == pytest.approx(float(np.quantile(pixels, 0.99)), rel=1e-6)
     assert float(np.mean(pixels >= cal.threshold)) == pytest.approx(0.01, abs=2e-3)
     assert cal.record["rule"] == "quantile"
@@ -81,19 +83,39 @@ def test_quantile_rule_returns_the_pixel_quantile(ssim_model: Trained, good: lis
 
 
 def test_calibration_is_stored_in_the_bundle(bundle_copy: Path, good: list[Path]) -> None:
-    """update_meta stores the threshold and its record; the reloaded bundle inspects with it."""
+    """``store`` writes the residual, threshold, record and statistics; the reloaded bundle
+    inspects with them."""
     bundle = load_bundle(bundle_copy)
     cal = calibrate(good[:3], bundle.meta, TorchBackend(bundle, precision="fp32"))
-    update_meta(bundle_copy, threshold=cal.threshold, calibration=cal.record)
+    assert cal.score is not None  # learned from these images (the default)
+    store(bundle_copy, cal)
     again = load_bundle(bundle_copy)
     assert again.meta.threshold == cal.threshold
+    assert again.meta.residual == cal.residual
     assert again.meta.calibration is not None
-    assert again.meta.calibration["rule"] == "max-opened"
+    assert again.meta.calibration["rule"] == "budget"
     assert again.meta.calibration["images"] == 3
     assert again.meta.calibration["files"] == [str(p) for p in good[:3]]
     assert again.meta.weights_sha256 == bundle.meta.weights_sha256
+    assert again.meta.score is not None
+    assert again.meta.score.learned["images"] == 3
+    np.testing.assert_array_equal(
+        again.meta.score.columns["dssim"].center, cal.score.columns["dssim"].center
+    )
     res = inspect_image(read_grey(good[0]), again.meta, TorchBackend(again, precision="fp32"))
     assert res.threshold == cal.threshold
+
+
+def test_keep_statistics_keeps_the_bundles(bundle_copy: Path, good: list[Path]) -> None:
+    """With statistics="keep" nothing new is learned and the bundle's statistics stay."""
+    bundle = load_bundle(bundle_copy)
+    assert bundle.meta.score is not None
+    cal = calibrate(
+        good[:2], bundle.meta, TorchBackend(bundle, precision="fp32"), statistics="keep"
+    )
+    assert cal.score is None
+    store(bundle_copy, cal)
+    assert load_bundle(bundle_copy).meta.score_sha256 == bundle.meta.score_sha256
 
 
 def test_calibration_uses_the_given_stride(tmp_path: Path) -> None:
@@ -107,7 +129,9 @@ def test_calibration_uses_the_given_stride(tmp_path: Path) -> None:
         return b * np.float32(0.9)
 
     meta = BundleMeta(loss="l2", latent=4, patch=32, residual="l2", input=InputSpec())
-    cal = calibrate([tmp_path / "a.png"], meta, FunctionBackend(count), settings=Settings(stride=8))
+    cal = calibrate(
+        [tmp_path / "a.png"], meta, FunctionBackend(count), settings=Settings(stride=8), plants=0
+    )
     assert sum(seen) == 5 * 5  # 0, 8, 16, 24, 32 on each axis
     assert cal.record["stride"] == 8
     cal30 = calibrate([tmp_path / "a.png"], replace(meta, stride=30), FunctionBackend(count))
@@ -120,18 +144,18 @@ def test_calibration_uses_the_given_stride(tmp_path: Path) -> None:
         ({"paths": []}, DataError, "at least one"),
         ({"rule": "median"}, ValueError, "unknown calibration rule"),
         ({"quantile": 0.0}, ValueError, "quantile"),
-        ({"quantile": 1.0}, ValueError, "quantile"),
         ({"quantile": 1.5}, ValueError, "quantile"),
         ({"margin": 0.0}, ValueError, "margin"),
-        ({"margin": -1.0}, ValueError, "margin"),
         ({"max_alarms_per_mpx": -0.5}, ValueError, "max_alarms_per_mpx"),
-        ({"max_alarms_per_mpx": float("nan")}, ValueError, "max_alarms_per_mpx"),
+        ({"budget_per_mpx": float("nan")}, ValueError, "budget_per_mpx"),
+        ({"plants": -1}, ValueError, "plants"),
+        ({"residual": "psnr"}, ValueError, "unknown residual"),
     ],
 )
 def test_bad_arguments_raise(
     tmp_path: Path, kwargs: dict[str, object], error: type[Exception], message: str
 ) -> None:
-    """No images, an unknown rule, a quantile outside (0, 1) or a non-positive margin raise."""
+    """No images, an unknown rule or residual, or out-of-range numbers raise, naming them."""
     write_grey(tmp_path / "a.png", np.zeros((40, 40), np.uint8))
     meta = BundleMeta(loss="l2", latent=4, patch=32, residual="l2")
     args: dict[str, object] = {
@@ -156,10 +180,10 @@ def test_unreadable_calibration_image_names_the_file(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def traded(ssim_model: Trained, good: list[Path]) -> tuple[Calibration, list[TestSample]]:
-    """A max-opened calibration with the dataset's labelled defect images."""
+    """A calibration of the bundle's own residual with the dataset's labelled defect images."""
     bundle = ssim_model.load()
     defects = [s for s in test_samples(ssim_model.data) if s.mask is not None]
-    cal = calibrate(good, bundle.meta, TorchBackend(bundle, precision="fp32"), defects=defects)
+    cal = calibrate(good, bundle.meta, _backend(ssim_model), defects=defects, residual="keep")
     return cal, defects
 
 
@@ -171,23 +195,22 @@ def test_operating_points_count_what_inspection_reports(
     those whose inspection mask touches the ground truth (the oracle: the real pipeline)."""
     cal, defects = traded
     bundle = ssim_model.load()
-    backend = TorchBackend(bundle, precision="fp32")
+    meta = replace(bundle.meta, score=cal.score)
+    backend = _backend(ssim_model)
     points = cal.record["operating_points"]
     assert len(points) >= 10
     assert [p["threshold"] for p in points] == sorted(p["threshold"] for p in points)
     for p in points[:: max(1, len(points) // 6)]:
         settings = Settings(threshold=p["threshold"])
-        regions = [
-            len(inspect_image(read_grey(g), bundle.meta, backend, settings).regions) for g in good
-        ]
+        regions = [len(inspect_image(read_grey(g), meta, backend, settings).regions) for g in good]
         assert p["alarms_per_image"] == pytest.approx(sum(regions) / len(good))
         assert p["clean_images"] == pytest.approx(sum(r == 0 for r in regions) / len(good))
         found = 0
         for d in defects:
             assert d.mask is not None
-            res = inspect_image(read_grey(d.image), bundle.meta, backend, settings)
+            res = inspect_image(read_grey(d.image), meta, backend, settings)
             full = upscale_to(
-                res.mask.astype(np.float32), *read_mask(d.mask).shape, bundle.meta.input, True
+                res.mask.astype(np.float32), *read_mask(d.mask).shape, meta.input, True
             )
             found += bool(((full > 0) & read_mask(d.mask)).any())
         assert p["defect_images_found"] == pytest.approx(found / len(defects))
@@ -196,57 +219,109 @@ def test_operating_points_count_what_inspection_reports(
 def test_operating_points_trade_alarms_for_defects(
     traded: tuple[Calibration, list[TestSample]],
 ) -> None:
-    """The table spans the trade-off: the chosen (max-opened) threshold is clean, the lowest
-    threshold raises alarms, and lowering the threshold never loses a defect image."""
+    """The table spans the trade-off: the lowest threshold raises alarms, the max-opened one
+    none, and lowering the threshold never loses a defect image or a synthetic defect."""
     cal, _ = traded
     points = cal.record["operating_points"]
-    chosen = next(p for p in points if p["threshold"] == cal.threshold)
-    assert chosen["rules"] == ["max-opened x1.1"]
-    assert chosen["alarms_per_image"] == 0
-    assert chosen["clean_images"] == 1
     assert points[0]["alarms_per_image"] > 0
-    found = [p["defect_images_found"] for p in points]
-    assert found == sorted(found, reverse=True)
-    assert found[0] >= 0.75 > found[-1]  # most planted defects show below the clean range
     exact = next(p for p in points if "max-opened x1" in p["rules"])
     assert exact["alarms_per_image"] == 0  # just above the largest opened value: clean
     below = [p for p in points if p["threshold"] < exact["threshold"]]
     assert below[-1]["alarms_per_image"] > 0  # and just below it, not
+    for key in ("defect_images_found", "synthetic_recall"):
+        found = [p[key] for p in points]
+        assert found == sorted(found, reverse=True), key
+        assert found[0] >= 0.7, key
+        assert found[-1] < found[0], key
 
 
-def test_alarm_rate_rule(ssim_model: Trained, good: list[Path]) -> None:
-    """alarm-rate picks the lowest threshold of the table whose false-alarm rate, and every
-    higher one's, is within the target; a looser target gives a lower threshold."""
-    bundle = ssim_model.load()
-    backend = TorchBackend(bundle, precision="fp32")
-    loose = calibrate(good, bundle.meta, backend, rule="alarm-rate", max_alarms_per_mpx=200.0)
-    strict = calibrate(good, bundle.meta, backend, rule="alarm-rate", max_alarms_per_mpx=0.0)
-    assert loose.threshold < strict.threshold
-    for cal, target in ((loose, 200.0), (strict, 0.0)):
-        points = cal.record["operating_points"]
-        assert cal.record["max_alarms_per_mpx"] == target
-        above = [p for p in points if p["threshold"] >= cal.threshold]
-        assert all(p["alarms_per_mpx"] <= target for p in above)
-        below = [p for p in points if p["threshold"] < cal.threshold]
-        assert not below or below[-1]["alarms_per_mpx"] > target
-    # no alarm at all allowed: the max-opened threshold without margin
-    assert strict.threshold == pytest.approx(strict.record["opened_max"]["max"], rel=1e-6)
-
-
-def test_opened_maps_over_the_memory_budget_are_recomputed(
-    monkeypatch: pytest.MonkeyPatch, ssim_model: Trained, good: list[Path]
+def test_budget_rule_keeps_the_budget_on_the_calibration_images(
+    ssim_model: Trained, good: list[Path]
 ) -> None:
-    """With no memory for opened maps they are recomputed: the same table."""
-    import linescan.calibrate as cal_mod
-
+    """With a budget the images can show, the chosen threshold raises at most that many alarms
+    per Mpx there and at every higher threshold, and the next lower one raises more; a budget
+    below what they can show is extrapolated above the lowest threshold with no alarm."""
     bundle = ssim_model.load()
-    backend = TorchBackend(bundle, precision="fp32")
-    defects = [s for s in test_samples(ssim_model.data) if s.mask is not None]
-    kept = calibrate(good, bundle.meta, backend, defects=defects).record["operating_points"]
-    monkeypatch.setattr(cal_mod, "KEEP_BYTES", 0)
-    again = calibrate(good, bundle.meta, backend, defects=defects).record["operating_points"]
-    assert again == kept
-    assert kept[0]["defect_images_found"] is not None
+    backend = _backend(ssim_model)
+    mpx = sum(read_grey(p).size for p in good) / 1e6
+    loose_budget = 3.0 / mpx  # three alarms on these images
+    loose = calibrate(good, bundle.meta, backend, budget_per_mpx=loose_budget, residual="keep")
+    points = loose.record["operating_points"]
+    assert not loose.record["extrapolated"]
+    assert all(
+        p["alarms_per_mpx"] <= loose_budget + 1e-9
+        for p in points
+        if p["threshold"] >= loose.threshold
+    )
+    below = [p for p in points if p["threshold"] < loose.threshold]
+    assert below
+    assert below[-1]["alarms_per_mpx"] > loose_budget
+    strict = calibrate(good, bundle.meta, backend, budget_per_mpx=0.01 / mpx, residual="keep")
+    assert strict.record["extrapolated"]
+    assert strict.threshold >= strict.record["opened_max"]["max"]
+    assert strict.threshold > loose.threshold
+
+
+def test_synthetic_defects_are_counted_per_kind(
+    traded: tuple[Calibration, list[TestSample]],
+) -> None:
+    """Every kind is planted on every image copy and reported with its recall and AUROC; the
+    expected recall is their mean; the table prints them."""
+    cal, _ = traded
+    kinds = cal.record["kinds"]
+    assert set(kinds) == set(PLANT_KINDS)
+    for v in kinds.values():
+        assert v["planted"] >= 8  # 2 copies of 8 images, most kinds fit every time
+        assert 0.0 <= v["recall"] <= 1.0
+        assert v["auroc"] is not None
+    assert cal.record["expected_recall"] == pytest.approx(
+        np.mean([v["recall"] for v in kinds.values()])
+    )
+    text = format_kinds(cal.record)
+    assert all(k in text for k in PLANT_KINDS)
+
+
+def test_auto_residual_picks_the_candidate_that_finds_most(
+    ssim_model: Trained, good: list[Path]
+) -> None:
+    """residual="auto" compares ssim, combined and l2, each at its own threshold, and keeps
+    the one with the highest expected recall."""
+    bundle = ssim_model.load()
+    cal = calibrate(good, bundle.meta, _backend(ssim_model), residual="auto")
+    cands = cal.record["candidates"]
+    assert set(cands) == {"ssim", "combined", "l2"}
+    best = max(v["expected_recall"] for v in cands.values())
+    assert cands[cal.residual]["expected_recall"] == best
+    assert cal.threshold == cands[cal.residual]["threshold"]
+
+
+def _blurred_texture(seed: int, size: int = 192) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    noise = cv2.GaussianBlur(rng.normal(0, 1, (size, size)), (0, 0), 1.2)
+    return np.clip(128 + 40 * noise / noise.std(), 0, 255).astype(np.uint8)
+
+
+def test_a_blurry_reconstruction_cannot_see_smooth_patches(tmp_path: Path) -> None:
+    """On a stochastic texture, a reconstruction that is a blur of the input scores smooth
+    patches *below* the material (they look like the reconstruction): calibration says that
+    kind is ranked below chance instead of folding it into one optimistic number."""
+    paths = []
+    for i in range(4):
+        write_grey(tmp_path / f"{i}.png", _blurred_texture(i))
+        paths.append(tmp_path / f"{i}.png")
+
+    def blur(b: np.ndarray) -> np.ndarray:
+        return np.stack([cv2.GaussianBlur(t[0], (0, 0), 2.0)[None] for t in b]).astype(np.float32)
+
+    meta = BundleMeta(loss="ssim", latent=4, patch=32, residual="ssim")
+    cal = calibrate(paths, meta, FunctionBackend(blur), plants=3, residual="combined")
+    smooth = cal.record["kinds"]["smooth_patch"]
+    assert smooth["auroc"] < 0.5
+    assert smooth["verdict"] == "ranked below chance"
+    assert "smooth_patch" in cal.record["not_seen"]
+    assert cal.record["kinds"]["line_along"]["verdict"] == "seen"  # the blur cannot hide those
+    assert cal.record["kinds"]["dark_spot"]["auroc"] > 0.9  # peaks above the texture's
+    assert "cannot see: " in format_kinds(cal.record)
 
 
 def test_a_perfect_reconstruction_calibrates(tmp_path: Path) -> None:
@@ -254,22 +329,26 @@ def test_a_perfect_reconstruction_calibrates(tmp_path: Path) -> None:
     threshold and a table, not a crash on an empty range."""
     write_grey(tmp_path / "a.png", (np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64))
     meta = BundleMeta(loss="l2", latent=4, patch=32, residual="l2")
-    cal = calibrate([tmp_path / "a.png"], meta, FunctionBackend(lambda b: b))
-    assert cal.record["opened_max"]["max"] == 0.0
-    assert cal.threshold == 0.0
+    cal = calibrate([tmp_path / "a.png"], meta, FunctionBackend(lambda b: b), residual="keep")
+    assert np.isfinite(cal.threshold)
     points = cal.record["operating_points"]
     assert points
     assert all(p["alarms_per_image"] == 0 for p in points if p["threshold"] > 0)
 
 
 def test_min_area_filters_alarms(ssim_model: Trained, good: list[Path]) -> None:
-    """Regions under --min-area are not alarms (as the daemon does not publish them)."""
+    """Regions under min_area_px are not alarms (as the daemon does not publish them)."""
     bundle = ssim_model.load()
-    backend = TorchBackend(bundle, precision="fp32")
-    every = calibrate(good, bundle.meta, backend).record["operating_points"]
-    big = calibrate(good, bundle.meta, backend, settings=Settings(min_area_px=10_000)).record[
-        "operating_points"
-    ]
+    backend = _backend(ssim_model)
+    kw: dict[str, object] = {"residual": "ssim", "rule": "max-opened", "plants": 0}
+    every = calibrate(good, bundle.meta, backend, **kw).record["operating_points"]  # type: ignore[arg-type]
+    big = calibrate(
+        good,
+        bundle.meta,
+        backend,
+        settings=Settings(min_area_px=10_000),
+        **kw,  # type: ignore[arg-type]
+    ).record["operating_points"]
     assert [p["threshold"] for p in big] == [p["threshold"] for p in every]
     assert sum(p["alarms_per_image"] for p in big) < sum(p["alarms_per_image"] for p in every)
     assert all(
@@ -283,5 +362,6 @@ def test_format_points_marks_the_choice(traded: tuple[Calibration, list[TestSamp
     lines = text.splitlines()
     assert lines[0].split()[:2] == ["threshold", "alarms/image"]
     assert "defect images found" in lines[0]
+    assert "synthetic found" in lines[0]
     assert sum("<- chosen" in line for line in lines) == 1
     assert any("quantile 0.999" in line for line in lines)

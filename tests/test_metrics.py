@@ -25,6 +25,7 @@ EXPECTED = {
     "linescan_latency_seconds": "histogram",
     "linescan_frame_latency_seconds": "histogram",
     "linescan_queue_depth": "gauge",
+    "linescan_web_edge_px": "gauge",
     "linescan_defects": "counter",
     "linescan_events_published": "counter",
     "linescan_segments": "counter",

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from conftest import Trained
 
 WEB_LINES = 700
-WEB_WIDTH = 150
+WEB_WIDTH = 256  # the training images' width: per-column statistics apply
 DEFECTS = [
     Defect("hole", line=40, x=20, height=14, width=18),
     Defect("knot", line=150, x=100, height=12, width=12),
@@ -107,6 +107,8 @@ def _stream(
         ssim=meta.ssim,
         threshold=meta.threshold,
         vae_sigma=meta.vae_sigma,
+        scoring=meta.scoring(),
+        opening=meta.opening,
     )
 
     def feed(jobs: list[TileJob]) -> list[Region]:
@@ -250,6 +252,8 @@ def test_tracker_memory_stays_bounded(ssim_model: Trained) -> None:
         residual=meta.residual,
         ssim=meta.ssim,
         threshold=meta.threshold * 1.5,
+        scoring=meta.scoring(),
+        opening=meta.opening,
     )
     # Input rows wait until the residual halo below them is final, and rows become final one
     # stride at a time (when the next tile row arrives): patch + stride + 2 * halo at most.

@@ -106,7 +106,7 @@ def test_checkpoint_is_plain_tensors(
     _run(train_config, woven_data, tmp_path / "m", checkpoint_every=1, **QUICK)
     state = torch.load(tmp_path / "m" / CHECKPOINT, weights_only=True)
     assert state["epoch"] == 1
-    assert set(state) == {"model", "optimizer", "epoch", "loss"}
+    assert set(state) == {"model", "optimizer", "epoch", "loss", "stopping"}
     assert isinstance(state["loss"], float)
 
 
@@ -306,3 +306,59 @@ def test_small_patch_gets_a_stride_that_fits(
     res = train(train_config(woven_data, tmp_path / "m", patch=16, **QUICK), log=io.StringIO())
     assert res.meta.stride == 16
     assert load_bundle(res.bundle).meta.stride == 16
+
+
+def test_training_stops_when_the_held_out_loss_stops_improving(
+    tmp_path: Path, woven_data: Path, train_config: ConfigFactory
+) -> None:
+    """With a patience of one epoch and an improvement no run can make (50 %), training stops
+    after its second epoch, says why, and records it; --epochs is only the maximum."""
+    log = io.StringIO()
+    res = train(
+        train_config(
+            woven_data, tmp_path / "m", patches=256, epochs=10, patience=1, min_improvement=0.5
+        ),
+        log=log,
+    )
+    assert res.epochs == 2
+    assert "held-out loss has not improved by 50 % for 1 epochs" in res.stopped
+    assert "held-out" in log.getvalue()
+    assert f"stopped after epoch 2: {res.stopped}" in log.getvalue()
+    assert res.meta.training["epochs"] == 2
+    assert res.meta.training["max_epochs"] == 10
+    assert res.meta.training["best_epoch"] == res.best_epoch in (1, 2)
+    assert res.meta.training["held_out_loss"] > 0
+
+
+def test_a_time_budget_ends_training(
+    tmp_path: Path, woven_data: Path, train_config: ConfigFactory
+) -> None:
+    """A time budget that one epoch already spends ends training after that epoch."""
+    res = train(
+        train_config(woven_data, tmp_path / "m", patches=128, epochs=10, time_budget_s=1e-3),
+        log=io.StringIO(),
+    )
+    assert res.epochs == 1
+    assert "time budget" in res.stopped
+
+
+def test_the_best_held_out_weights_are_kept(
+    tmp_path: Path, woven_data: Path, train_config: ConfigFactory
+) -> None:
+    """The bundle holds the weights of the epoch with the best held-out loss: a run of three
+    epochs whose best was epoch k saves what a run of k epochs saves."""
+    kw = {"patches": 256, "patience": 0, "checkpoint_every": 0}
+    three = train(train_config(woven_data, tmp_path / "a", epochs=3, **kw), log=io.StringIO())
+    k = three.best_epoch
+    assert 1 <= k <= 3
+    shorter = train(train_config(woven_data, tmp_path / "b", epochs=k, **kw), log=io.StringIO())
+    assert three.meta.weights_sha256 == shorter.meta.weights_sha256
+
+
+def test_training_learns_the_score_statistics(ssim_model: Trained) -> None:
+    """Every trained bundle carries score statistics for the SSIM, combined and L2 residuals,
+    learned on its training images at the model's width."""
+    meta = ssim_model.load().meta
+    assert meta.score is not None
+    assert set(meta.score.columns) == {"dssim", "absdiff", "sqdiff"}
+    assert meta.score.width == 128  # 256-px images at 1/2 scale

@@ -8,6 +8,10 @@
       model.onnx      (optional, ``linescan export``) the same network with a dynamic batch axis
       model.fp16.onnx (optional, with model.onnx) the same in FP16 with FP32 inputs and outputs,
                       what strongly typed TensorRT builds FP16 engines from
+      score.npz       (optional) statistics of the residual on defect-free material that turn it
+                      into the score (``score.py``): per column, per distance from the web's
+                      edges and from a segment's ends; written at the end of training and by
+                      ``linescan calibrate``. Plain float32 arrays, loaded without pickle
 
 Safety: nothing here unpickles arbitrary objects. ``weights_only=True`` restricts the unpickler
 to tensors and plain containers, and before that the file's SHA-256 must equal the one in
@@ -33,6 +37,8 @@ from linescan.errors import ModelError
 from linescan.model.autoencoder import ARCHITECTURE, Autoencoder, VariationalAutoencoder
 from linescan.preprocess import InputSpec
 from linescan.residual import RESIDUAL_KINDS, ResidualKind
+from linescan.score import SCORE_FILE, ScoreModel, Scoring, score_from_bytes, score_to_bytes
+from linescan.segment import PAPER_DIAMETER
 from linescan.ssim import SSIMParams
 
 FORMAT = "linescan-bundle"
@@ -65,6 +71,13 @@ class BundleMeta:
     onnx_sha256: str | None = None
     onnx_fp16_sha256: str | None = None
     created: str = ""
+    opening: int = PAPER_DIAMETER  # diameter of the opening's disk, model pixels
+    score: ScoreModel | None = field(default=None, compare=False, repr=False)
+    score_sha256: str | None = None
+
+    def scoring(self, fixed_columns: tuple[int | None, int | None] | None = None) -> Scoring:
+        """How this bundle's residual becomes its score (``score.py``)."""
+        return Scoring(self.residual, self.score, fixed_columns)
 
     @property
     def variant(self) -> Literal["ae", "vae"]:
@@ -100,13 +113,19 @@ class BundleMeta:
             "inspection": {
                 "stride": self.stride,
                 "threshold": self.threshold,
-                "opening_disk_diameter": 4,
+                "opening_disk_diameter": self.opening,
                 "calibration": self.calibration,
             },
+            "score": self._score_json(),
             "training": self.training,
             "weights": {"file": WEIGHTS_FILE, "sha256": self.weights_sha256},
             "onnx": self._onnx_json(),
         }
+
+    def _score_json(self) -> dict[str, Any] | None:
+        if self.score is None or not self.score_sha256:
+            return None
+        return {"file": SCORE_FILE, "sha256": self.score_sha256, **self.score.to_json()}
 
     def _onnx_json(self) -> dict[str, Any] | None:
         if not self.onnx_sha256:
@@ -173,6 +192,20 @@ def save_bundle(path: Path, module: nn.Module, meta: BundleMeta) -> BundleMeta:
     return meta
 
 
+def save_score(path: Path, score: ScoreModel, **changes: Any) -> BundleMeta:
+    """Store score statistics in an existing bundle (and other metadata ``changes``).
+
+    The metadata is read (and checked) before the statistics file is replaced; a crash
+    between the two writes leaves a bundle that is refused with a message, never a mix.
+    """
+    meta = read_meta(path)
+    data = score_to_bytes(score)
+    atomic_write_bytes(path / SCORE_FILE, data)
+    meta = replace(meta, score=score, score_sha256=hashlib.sha256(data).hexdigest(), **changes)
+    write_meta(path, meta)
+    return meta
+
+
 def update_meta(path: Path, **changes: Any) -> BundleMeta:
     """Change metadata fields (e.g. the threshold) of an existing, valid bundle."""
     meta = read_meta(path)
@@ -196,6 +229,24 @@ def _onnx_fp16_sha(onnx: Any) -> str | None:
     fp16 = onnx.get("fp16") if isinstance(onnx, dict) else None
     sha = fp16.get("sha256") if isinstance(fp16, dict) else None
     return sha if isinstance(sha, str) else None
+
+
+def _read_score(path: Path, record: Any, where: str) -> tuple[ScoreModel | None, str | None]:
+    """The score statistics named in ``bundle.json``, checked against their checksum."""
+    if record is None:
+        return None, None
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        raise ModelError(f"{where}: the score record must be an object with a sha256")
+    file = path / SCORE_FILE
+    if not file.is_file():
+        raise ModelError(f"model bundle {path}: {SCORE_FILE} is missing ({META_FILE} names it)")
+    data = file.read_bytes()
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise ModelError(
+            f"model bundle {path}: {SCORE_FILE} does not match the checksum in {META_FILE} "
+            "(file is truncated, corrupt or was replaced); refusing to load it"
+        )
+    return score_from_bytes(data, record, f"model bundle {path}"), str(record["sha256"])
 
 
 def read_meta(path: Path) -> BundleMeta:
@@ -258,6 +309,10 @@ def read_meta(path: Path) -> BundleMeta:
             raise ModelError(f"{where}: inspection.threshold must be a number or null")
         w = _get(raw, "weights", dict, where)
         onnx = raw.get("onnx")
+        opening = insp.get("opening_disk_diameter", PAPER_DIAMETER)
+        if not isinstance(opening, int) or isinstance(opening, bool) or not 1 <= opening <= 64:
+            raise ModelError(f"{where}: inspection.opening_disk_diameter must be 1..64")
+        score, score_sha = _read_score(path, raw.get("score"), where)
         meta = BundleMeta(
             name=_get(raw, "name", str, where),
             created=str(raw.get("created", "")),
@@ -276,7 +331,11 @@ def read_meta(path: Path) -> BundleMeta:
             weights_sha256=_get(w, "sha256", str, where + " weights"),
             onnx_sha256=onnx.get("sha256") if isinstance(onnx, dict) else None,
             onnx_fp16_sha256=_onnx_fp16_sha(onnx),
+            opening=opening,
+            score=score,
+            score_sha256=score_sha,
         )
+        meta.scoring()  # a residual the statistics do not cover is refused here
     except ValueError as exc:  # out-of-range values rejected by the dataclasses
         raise ModelError(f"{where}: {exc}") from exc
     if meta.latent < 1 or meta.patch < 16 or meta.patch % 16 or not 1 <= meta.stride <= meta.patch:

@@ -94,8 +94,9 @@ class EventSender:
             for seq, payload in zip(seqs, payloads, strict=True):
                 self.on_event("defect", {"seq": seq, **payload})
 
-    def status(self, final: bool) -> None:
-        """The running totals; the not-inspected ranges and breaks since the last status."""
+    def status(self, final: bool, web: dict[str, dict[str, int | None]] | None = None) -> None:
+        """The running totals; the not-inspected ranges and breaks since the last status; the
+        web's edges per camera (camera pixels) where they are tracked."""
         auth = self.auth_monitor
         queues = self.queues.depths()
         t = self.accounting.take_for_status()
@@ -117,6 +118,7 @@ class EventSender:
             "not_inspected": t.not_inspected,
             "breaks": t.breaks,
             "queues": queues,
+            "web": dict(web or {}),
         }
         self.publisher.publish("status", payload)
         if self.on_event is not None:

@@ -12,8 +12,12 @@ become defect events (``event.py``). It also decides what became of every frame:
 Frame latency is observed when every line of a frame is final. A status message goes out every
 ``events.status_interval_s``, and a final one at shutdown.
 
-With the engine on a CUDA device and an SSIM model, the residual runs on the GPU (the fused
-kernel in ``backends/ssim_residual.cu``), in this thread.
+With the engine on a CUDA device and an SSIM-based residual, 1 - SSIM runs on the GPU (the fused
+kernel in ``backends/ssim_residual.cu``), in this thread; the score (``score.py``) is the same
+arithmetic on either.
+
+The web's edges each tracker follows (``web.py``) go into every status message (``web``) and
+the ``linescan_web_edge_px`` gauge.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from linescan.lines import FrameInfo
 from linescan.log import get_logger
 from linescan.metrics import Metrics
 from linescan.model.bundle import BundleMeta
+from linescan.pipeline import model_columns
+from linescan.residual import COMPONENTS
+from linescan.segment import PAPER_DIAMETER
 from linescan.stages.event import EventSender
 from linescan.stages.items import STOP, InferResult, ResultQueue
 from linescan.stages.state import Accounting
@@ -73,6 +80,19 @@ class Post:
         self._uncounted: dict[str, list[FrameInfo]] = {}  # not yet known inspected or dropped
         self._not_final: dict[str, deque[FrameInfo]] = {}  # frames with lines not yet final
         self._residual_cache: tuple[ResidualFn | None] | None = None
+        ins = config.inspection
+        columns = None
+        if ins.web_left_px is not None or ins.web_right_px is not None:
+            columns = model_columns((ins.web_left_px, ins.web_right_px), meta.input)
+        self.scoring = meta.scoring(columns)
+        if ins.opening_px == "paper":
+            self.opening = PAPER_DIAMETER
+        elif ins.opening_px is not None:
+            self.opening = max(1, round(ins.opening_px / meta.input.downscale))
+        else:
+            self.opening = meta.opening
+        self._described: set[tuple[str, int]] = set()
+        self.web: dict[str, dict[str, int | None]] = {}  # camera -> its web edges, camera px
 
     def run(self) -> None:
         interval = self.config.events.status_interval_s
@@ -84,12 +104,12 @@ class Post:
                 item = None
             self.heartbeat()
             if item is STOP:
-                self.events.status(final=True)
+                self.events.status(final=True, web=self.web)
                 return
             if item is not None:
                 self._post_one(item)
             if time.monotonic() >= next_status:
-                self.events.status(final=False)
+                self.events.status(final=False, web=self.web)
                 next_status = time.monotonic() + interval
 
     def _post_one(self, res: InferResult) -> None:
@@ -110,8 +130,19 @@ class Post:
                 self.meta.vae_sigma,
                 line0=job.line0,
                 residual_fn=self._residual_fn(),
+                scoring=self.scoring,
+                opening=self.opening,
             )
             trackers[cam] = tr
+            if (cam, tr.width) not in self._described:
+                self._described.add((cam, tr.width))
+                log.info(
+                    "scoring",
+                    camera=cam,
+                    score=self.scoring.describe(tr.width),
+                    threshold=self.threshold,
+                    opening_model_px=self.opening,
+                )
         if res.error is not None and job.segment not in broken:
             broken[job.segment] = res.error
             self.accounting.fail_segment(job.segment)  # the tiler restarts the web after it
@@ -128,6 +159,7 @@ class Post:
         t0 = time.perf_counter()
         regions = tr.consume(job, res.recon)
         self.metrics.stage_seconds.labels("stitch").observe(time.perf_counter() - t0)
+        self._note_edges(cam, tr)
         self._frames_seen.setdefault(cam, deque(maxlen=4096)).extend(frames)
         self._observe_final(cam, tr, frames)
         # A frame counts as inspected once its segment has held a whole tile row (before that
@@ -148,6 +180,23 @@ class Post:
             self.events.defects(cam, job.segment, found, self._frame_of_line)
         if job.end:
             trackers.pop(cam, None)
+
+    def _note_edges(self, cam: str, tr: Tracker) -> None:
+        """The web's edges for the status message and the metric (camera pixels)."""
+        if not tr.edges.active:
+            return
+        n = self.meta.input.downscale
+        e = tr.latest_edges
+        edges: dict[str, int | None] = {
+            "left_px": None if e.left is None else e.left * n,
+            "right_px": None if e.right is None else min(e.right * n, tr.raw_width),
+            "line": tr.line0 + tr.x.end * n,
+        }
+        self.web[cam] = edges
+        for side in ("left", "right"):
+            v = edges[f"{side}_px"]
+            if v is not None:
+                self.metrics.web_edge_px.labels(cam, side).set(v)
 
     def _observe_final(self, cam: str, tr: Tracker, frames: list[FrameInfo]) -> None:
         """Frame latency: capture (or receipt) until every line of the frame is final."""
@@ -174,7 +223,7 @@ class Post:
             return self._residual_cache[0]
         fn: ResidualFn | None = None
         device = self.config.engine.device
-        if device.startswith("cuda") and self.meta.residual == "ssim":
+        if device.startswith("cuda") and "dssim" in COMPONENTS[self.meta.residual]:
             try:
                 from linescan.backends.cuda_residual import CudaResidual
 
