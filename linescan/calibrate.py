@@ -6,7 +6,10 @@ alarm rate my line tolerates". Calibration answers that from defect-free images 
 1. **Statistics.** The score's per-column, per-edge and per-row statistics (``score.py``) are
    learned from the images (``statistics="refresh"``, the default of ``linescan calibrate``;
    training learns them from its own images and calibrates on held-out ones with
-   ``statistics="keep"``).
+   ``statistics="keep"``). Statistics fitted to an image make that image look tamer than a
+   new one would, and the threshold would follow: so when they are learned here, every image
+   is scored with statistics learned *without* it (``FOLDS``-fold cross-fitting), and only
+   the stored statistics are learned from all of them.
 2. **Evidence.** Every image is scored as is (false alarms) and, in ``plants`` copies, with
    synthetic defects of several kinds planted into it (``data/plants.py``): spots, thin lines
    along and across the web, pasted patches of the same material, smudges, smooth patches.
@@ -66,6 +69,7 @@ DEFAULT_BUDGET_PER_MPX = 0.05
 GRID_POINTS = 48
 MAX_IMAGES = 200  # calibration images beyond this are thinned evenly (memory, time)
 POOR_RECALL = 0.2  # a kind found less often than this at the chosen threshold is "not seen"
+FOLDS = 4  # cross-fitting folds when the statistics are learned from the calibration images
 F32 = npt.NDArray[np.float32]
 Progress = Callable[[str], None]
 
@@ -88,6 +92,7 @@ class _Image:
     gt: npt.NDArray[np.int32] | None = None  # ground-truth labels at model scale
     gt_regions: int = 0
     gt_kinds: tuple[str, ...] = ()
+    fold: int = -1  # cross-fitting fold of the calibration image (-1: scored by all statistics)
 
 
 def candidates(meta: BundleMeta, residual: str | None, have_stats: bool) -> list[ResidualKind]:
@@ -148,6 +153,7 @@ def calibrate(
     goods = [_reconstruct(read_grey(p), meta, backend, settings, needed) for p in used]
     model = meta.score
     learned: ScoreModel | None = None
+    folds: list[ScoreModel | None] = []
     if statistics == "refresh" or model is None:
         say("learning the score statistics")
         learned = learn_score(
@@ -160,8 +166,22 @@ def calibrate(
             },
         )
         model = learned
+        k = min(FOLDS, len(goods))
+        if k >= 2:
+            for i, g in enumerate(goods):
+                g.fold = i % k
+            for f in range(k):
+                rest = [g for g in goods if g.fold != f]
+                folds.append(learn_score([g.x for g in rest], [g.comps for g in rest]))
     kinds = candidates(meta, residual, model is not None)
-    scorings = {k: Scoring(k, model, scoring_for(meta, settings).fixed_columns) for k in kinds}
+    fixed = scoring_for(meta, settings).fixed_columns
+
+    def scorer(kind: ResidualKind) -> Callable[[_Image], Scoring]:
+        whole = Scoring(kind, model, fixed)
+        by_fold = [Scoring(kind, m, fixed) for m in folds]
+        return lambda img: by_fold[img.fold] if img.fold >= 0 and by_fold else whole
+
+    scorings = {k: scorer(k) for k in kinds}
     opening = opening_for(meta, settings)
     planted: list[_Image] = []
     if plants:
@@ -170,7 +190,8 @@ def calibrate(
             pixels = read_grey(p)
             for c in range(plants):
                 rng = np.random.default_rng([seed, i, c])
-                planted.append(_planted(pixels, g, rng, meta, backend, settings, needed, scorings))
+                scoring = scorings[kinds[0]](g)
+                planted.append(_planted(pixels, g, rng, meta, backend, settings, needed, scoring))
     labelled: list[_Image] = []
     for d in defects:
         if d.mask is not None:
@@ -216,7 +237,8 @@ def calibrate(
         "residual": chosen,
         "residual_choice": residual or "keep",
         "statistics": "learned here" if learned is not None else "kept from the bundle",
-        "score": scorings[chosen].describe(goods[0].x.shape[1]),
+        "score": Scoring(chosen, model, fixed).describe(goods[0].x.shape[1]),
+        "cross_fitted_folds": len(folds),
         "opening_disk_diameter": opening,
         "images": len(paths),
         "images_used": len(used),
@@ -288,11 +310,10 @@ def _planted(
     backend: Backend,
     settings: Settings,
     needed: Sequence[Component],
-    scorings: dict[ResidualKind, Scoring],
+    scoring: Scoring,
 ) -> _Image:
     """The image with one synthetic defect of each kind, on the web."""
-    first = next(iter(scorings.values()))
-    _, runs = score_image(first, good.comps, good.x)
+    _, runs = score_image(scoring, good.comps, good.x)
     n = meta.input.downscale
     lefts = [e.left for _, _, e in runs if e.left is not None]
     rights = [e.right for _, _, e in runs if e.right is not None]
@@ -305,6 +326,7 @@ def _planted(
     out.gt = _model_labels(labels, len(placed), meta)
     out.gt_regions = len(placed)
     out.gt_kinds = tuple(p.kind for p in placed)
+    out.fold = good.fold  # scored by the statistics learned without its own image
     return out
 
 
@@ -339,7 +361,7 @@ def _labelled(
 
 def _evaluate(
     kind: ResidualKind,
-    scoring: Scoring,
+    scoring: Callable[[_Image], Scoring],
     goods: Sequence[_Image],
     planted: Sequence[_Image],
     labelled: Sequence[_Image],
@@ -358,7 +380,7 @@ def _evaluate(
     rng = np.random.default_rng(0)
     sample: list[F32] = []
     for g in goods:
-        s, _ = score_image(scoring, g.comps, g.x)
+        s, _ = score_image(scoring(g), g.comps, g.x)
         good_scores.append(s)
         good_open.append(grey_open(s, opening))
         flat = s.ravel()
@@ -377,7 +399,7 @@ def _evaluate(
     ranks: dict[str, list[float]] = {}  # per kind: P(plant peak > a good window's peak)
     window_rng = np.random.default_rng(1)
     for p in planted:
-        s, _ = score_image(scoring, p.comps, p.x)
+        s, _ = score_image(scoring(p), p.comps, p.x)
         opened = grey_open(s, opening)
         maps.append(
             SparseMap.build(opened, floor, p.shape[0] * p.shape[1], p.gt, p.gt_regions, p.gt_kinds)
@@ -390,7 +412,7 @@ def _evaluate(
                     ranks.setdefault(k, []).append(rank)
     real = []
     for d in labelled:
-        s, _ = score_image(scoring, d.comps, d.x)
+        s, _ = score_image(scoring(d), d.comps, d.x)
         px = d.shape[0] * d.shape[1]
         real.append(SparseMap.build(grey_open(s, opening), floor, px, d.gt, d.gt_regions))
     hi = max([top, *(float(m.values.max()) for m in maps + real if m.values.size)]) * 1.05
@@ -400,7 +422,11 @@ def _evaluate(
         "max-opened x1": float(np.nextafter(np.float32(top), np.float32(np.inf))),
         f"quantile {quantile:g}": q_value,
     }
-    grid = set(np.linspace(floor, hi, GRID_POINTS).tolist()) | set(rule_values.values())
+    # Dense where the alarms die out (the budget's tail is fitted there), sparse above.
+    knee = min(max(top * 1.3, floor * 1.01), hi)
+    grid = set(np.linspace(floor, knee, GRID_POINTS).tolist()) | set(rule_values.values())
+    if hi > knee:
+        grid |= set(np.geomspace(knee, hi, 12).tolist())
     thresholds = sorted(t for t in grid if t >= floor)
 
     def area(a: int) -> int:

@@ -19,8 +19,9 @@ three layers, each learned from the one before:
   sizes, not a web) are scored against whole-image statistics instead (``Scoring.describe``
   says so), except the ``BORDER`` columns at either side of the image, which keep the training
   images' own border columns (tiles reconstruct their borders worst);
-* per **distance from the web's edge** (``ZONE`` columns on either side of it, ``web.py``): the
-  edge's own residual, whichever column it has wandered to. Beyond the zone, off the web, the
+* per **distance from the web's edge** (``ZONE`` columns into the web, ``ZONE_OUT`` beyond it,
+  ``web.py``): the edge's own residual, whichever column it has wandered to, so a bite out of
+  the edge or fibres sticking out of it stay findable. Further out, off the web, the
   score is 0: never an alarm, whatever the residual;
 * per **distance from the segment's first and last row** (``ROW_DEPTH`` rows): the tile rows
   there overlap less. This layer only ever lowers a score (its centre is at least 0 and its
@@ -58,7 +59,12 @@ from linescan.web import SIDES, EdgeModel, Edges, EdgeTracker, Side, learn_edges
 
 F32 = npt.NDArray[np.float32]
 ROW_DEPTH = 16  # rows at a segment's top and bottom with statistics of their own
-ZONE = 24  # model columns on each side of an edge scored against the edge's statistics
+ZONE = 24  # model columns into the web scored against the edge's statistics
+ZONE_OUT = 6  # ... and beyond the edge; further out is off the web, never scored
+# No spread below these shares of the whole web's: a saturated backlight or a flat column has
+# a tiny spread, which would turn any small change there into a huge score.
+MIN_COLUMN_SPREAD = 0.25
+MIN_ZONE_SPREAD = 0.5
 BORDER = 16  # image border columns that keep their own statistics at any width
 QUANTILE = 0.99
 COLUMN_SMOOTH = 9  # running median of the column statistics over this many columns
@@ -78,10 +84,11 @@ class Stats:
     scale: F32
 
 
-def _stats(center: npt.ArrayLike, upper: npt.ArrayLike) -> Stats:
+def _stats(center: npt.ArrayLike, upper: npt.ArrayLike, min_spread: float = 0.0) -> Stats:
     c = np.asarray(center, dtype=np.float32)
     s = np.asarray(upper, dtype=np.float32) - c
-    return Stats(c, np.maximum(s, np.float32(1e-6)).astype(np.float32))
+    floor = np.float32(max(min_spread, 1e-6))
+    return Stats(c, np.maximum(s, floor).astype(np.float32))
 
 
 def _robust(values: npt.NDArray[np.floating[Any]]) -> tuple[float, float]:
@@ -102,6 +109,7 @@ class ScoreModel:
     rows: dict[tuple[Component, End], Stats] = field(default_factory=dict)
     edges: EdgeModel | None = None
     zone: int = ZONE
+    zone_out: int = ZONE_OUT
     row_depth: int = ROW_DEPTH
     learned: dict[str, Any] = field(default_factory=dict)
 
@@ -116,6 +124,7 @@ class ScoreModel:
             "components": list(self.columns),
             "quantile": QUANTILE,
             "zone": self.zone,
+            "zone_out": self.zone_out,
             "row_depth": self.row_depth,
             "edges": None if self.edges is None else self.edges.to_json(),
             "whole": {c: list(v) for c, v in self.whole.items()},
@@ -156,6 +165,7 @@ def score_from_bytes(data: bytes, record: Mapping[str, Any], where: str) -> Scor
         if len(comps) != len(record["components"]) or not comps:
             raise ValueError(f"unknown components {record['components']}")
         zone = int(record["zone"])
+        zone_out = int(record.get("zone_out", zone))
         row_depth = int(record["row_depth"])
         edges = None if record.get("edges") is None else EdgeModel.from_json(record["edges"], where)
 
@@ -193,6 +203,7 @@ def score_from_bytes(data: bytes, record: Mapping[str, Any], where: str) -> Scor
         rows=rows,
         edges=edges,
         zone=zone,
+        zone_out=zone_out,
         row_depth=row_depth,
         learned=dict(record.get("learned") or {}),
     )
@@ -352,10 +363,10 @@ def _layout(
             continue
         # d: signed distance into the web from its first (left) or last (right) column
         d = cols - e if side == "left" else (e - 1) - cols
-        off |= d < -z
+        off |= d < -m.zone_out
         stats = m.zones.get((comp, side))
         if stats is not None:
-            inzone = np.abs(d) <= z
+            inzone = (d >= -m.zone_out) & (d <= z)
             center[inzone] = stats.center[d[inzone] + z]
             scale[inzone] = stats.scale[d[inzone] + z]
     return center, scale, off
@@ -452,9 +463,9 @@ def learn_score(
             with warnings.catch_warnings():  # all-NaN columns (off the web) are expected
                 warnings.simplefilter("ignore", RuntimeWarning)
                 qs = np.nanquantile(inner, [0.5, QUANTILE], axis=0)
-            center = np.where(counts >= MIN_SAMPLES, qs[0], med)
-            upper = np.where(counts >= MIN_SAMPLES, qs[1], hi)
-            columns[comp] = _stats(_running_median(center), _running_median(upper))
+            center = _running_median(np.where(counts >= MIN_SAMPLES, qs[0], med))
+            upper = _running_median(np.where(counts >= MIN_SAMPLES, qs[1], hi))
+            columns[comp] = _stats(center, upper, MIN_COLUMN_SPREAD * (hi - med))
         else:
             columns[comp] = _stats(np.empty(0), np.empty(0))
         if edge_model is not None:
@@ -465,7 +476,7 @@ def learn_score(
                     m_, h_ = _robust(v) if v.size >= MIN_SAMPLES else (med, hi)
                     cs.append(m_)
                     us.append(h_)
-                zones[(comp, side)] = _stats(cs, us)
+                zones[(comp, side)] = _stats(cs, us, MIN_ZONE_SPREAD * (hi - med))
     model = ScoreModel(
         width=width or 0,
         columns=columns,
@@ -489,8 +500,9 @@ def _column_kinds(width: int, edges: Edges) -> npt.NDArray[np.int8]:
         if e is None:
             continue
         d = cols - e if side == "left" else (e - 1) - cols
-        kinds[np.abs(d) <= ZONE] = np.minimum(kinds[np.abs(d) <= ZONE], ZONE_COL)
-        kinds[d < -ZONE] = OFF_COL
+        inzone = (d >= -ZONE_OUT) & (d <= ZONE)
+        kinds[inzone] = np.minimum(kinds[inzone], ZONE_COL)
+        kinds[d < -ZONE_OUT] = OFF_COL
     return kinds
 
 

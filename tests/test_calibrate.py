@@ -73,8 +73,11 @@ def test_quantile_rule_returns_the_score_quantile(ssim_model: Trained, good: lis
     """The quantile rule's threshold is that quantile of all good score pixels."""
     bundle = ssim_model.load()
     backend = _backend(ssim_model)
-    cal = calibrate(good, bundle.meta, backend, rule="quantile", quantile=0.99, residual="keep")
-    meta = replace(bundle.meta, score=cal.score)
+    cal = calibrate(
+        good, bundle.meta, backend, rule="quantile", quantile=0.99, residual="keep",
+        statistics="keep",
+    )  # fmt: skip
+    meta = bundle.meta
     pixels = np.concatenate([reconstruct(read_grey(p), meta, backend).score.ravel() for p in good])
     assert cal.threshold == pytest.approx(float(np.quantile(pixels, 0.99)), rel=1e-6)
     assert float(np.mean(pixels >= cal.threshold)) == pytest.approx(0.01, abs=2e-3)
@@ -180,10 +183,14 @@ def test_unreadable_calibration_image_names_the_file(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def traded(ssim_model: Trained, good: list[Path]) -> tuple[Calibration, list[TestSample]]:
-    """A calibration of the bundle's own residual with the dataset's labelled defect images."""
+    """A calibration of the bundle's own residual and statistics with the dataset's labelled
+    defect images."""
     bundle = ssim_model.load()
     defects = [s for s in test_samples(ssim_model.data) if s.mask is not None]
-    cal = calibrate(good, bundle.meta, _backend(ssim_model), defects=defects, residual="keep")
+    cal = calibrate(
+        good, bundle.meta, _backend(ssim_model), defects=defects, residual="keep",
+        statistics="keep",
+    )  # fmt: skip
     return cal, defects
 
 
@@ -194,8 +201,7 @@ def test_operating_points_count_what_inspection_reports(
     ``inspect_image`` reports on the defect-free images, and the defect images found are
     those whose inspection mask touches the ground truth (the oracle: the real pipeline)."""
     cal, defects = traded
-    bundle = ssim_model.load()
-    meta = replace(bundle.meta, score=cal.score)
+    meta = ssim_model.load().meta
     backend = _backend(ssim_model)
     points = cal.record["operating_points"]
     assert len(points) >= 10
@@ -233,6 +239,43 @@ def test_operating_points_trade_alarms_for_defects(
         assert found == sorted(found, reverse=True), key
         assert found[0] >= 0.7, key
         assert found[-1] < found[0], key
+
+
+def test_learned_statistics_score_each_image_without_itself(
+    ssim_model: Trained, good: list[Path]
+) -> None:
+    """When calibration learns the statistics, each image's alarms are counted with statistics
+    learned from the other images (cross-fitting): the table equals that count, done by hand
+    with ``inspect_image``; the stored statistics are learned from all of them."""
+    from linescan.score import learn_score
+
+    bundle = ssim_model.load()
+    backend = _backend(ssim_model)
+    pair = good[:2]
+    cal = calibrate(pair, bundle.meta, backend, residual="ssim", plants=0, rule="max-opened")
+    assert cal.record["cross_fitted_folds"] == 2
+    assert cal.score is not None
+    assert cal.score.learned["images"] == 2
+
+    def stats_of(path: Path) -> object:
+        rec = reconstruct(read_grey(path), replace(bundle.meta, residual="combined"), backend)
+        from linescan.residual import residual_components
+
+        comps = residual_components(
+            "combined", rec.model_input, rec.reconstruction, bundle.meta.ssim
+        )
+        comps.update(
+            residual_components("l2", rec.model_input, rec.reconstruction, bundle.meta.ssim)
+        )
+        return learn_score([rec.model_input], [comps])
+
+    for p in cal.record["operating_points"][::5]:
+        alarms = 0
+        for img, other in ((pair[0], pair[1]), (pair[1], pair[0])):
+            meta = replace(bundle.meta, residual="ssim", score=stats_of(other))  # type: ignore[arg-type]
+            settings = Settings(threshold=p["threshold"])
+            alarms += len(inspect_image(read_grey(img), meta, backend, settings).regions)
+        assert p["alarms_per_image"] == pytest.approx(alarms / 2)
 
 
 def test_budget_rule_keeps_the_budget_on_the_calibration_images(

@@ -40,6 +40,7 @@ Size: TypeAlias = int | tuple[int, int]
 __all__ = [
     "DEFECT_KINDS",
     "Defect",
+    "EdgedWeb",
     "ToyScene",
     "WovenWeb",
     "checkerboard",
@@ -323,6 +324,74 @@ class WovenWeb:
         img = self.mean + self.contrast * (v - _WEAVE_MEAN) + off + fine
         out: U8 = np.clip(np.rint(img), 0.0, 255.0).astype(np.uint8)
         return np.ascontiguousarray(out.reshape(count, self.width))
+
+
+class EdgedWeb:
+    """A woven web narrower than the camera's view, with a wandering left edge.
+
+    What a line-scan camera over a real web sees (the AITEX fabrics: a bright backlight beyond
+    the web's edge, a bright selvage line along it): columns left of the edge show the
+    backlight (``background`` grey, near saturation, with fine noise), then a ``selvage`` of
+    a few bright pixels, then the weave of ``WovenWeb``. The edge's column at line y is
+    ``edge + shift(y)``: a slow wander of ``wander`` px (a triangle wave of period ``period``
+    lines) plus any ``steps`` ((line, dx): from that line on, the web sits dx px further right,
+    reached over ``ramp`` lines). Like ``WovenWeb``, a pure function of (line, column): any
+    split into frames gives the same pixels.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        seed: int,
+        edge: int,
+        *,
+        wander: float = 4.0,
+        period: int = 2000,
+        steps: Sequence[tuple[int, int]] = (),
+        ramp: int = 200,
+        background: float = 238.0,
+        selvage: int = 3,
+        **weave: float,
+    ) -> None:
+        if not 0 < edge < width:
+            raise ValueError(f"the edge must lie inside the view (0 < {edge} < {width})")
+        self.width = int(width)
+        self.seed = int(seed)
+        self.edge = int(edge)
+        self.wander = float(wander)
+        self.period = int(period)
+        self.steps = tuple((int(a), int(b)) for a, b in steps)
+        self.ramp = max(1, int(ramp))
+        self.background = float(background)
+        self.selvage = int(selvage)
+        self.web = WovenWeb(width, seed, **weave)
+
+    def shift(self, rows: npt.NDArray[np.int64]) -> F64:
+        """The edge's offset from ``edge`` at each line (float px)."""
+        phase = (rows % self.period) / self.period
+        tri = 4.0 * np.abs(phase - 0.5) - 1.0  # -1..1, piecewise linear
+        out: F64 = self.wander * tri
+        for line, dx in self.steps:
+            out = out + dx * np.clip((rows - line) / self.ramp, 0.0, 1.0)
+        return out
+
+    def edge_at(self, line: int) -> int:
+        """The first web column at ``line``."""
+        return int(np.floor(self.edge + self.shift(np.array([line]))[0]))
+
+    def lines(self, start: int, count: int) -> U8:
+        if start < 0 or count < 0:
+            raise ValueError(f"lines need start >= 0 and count >= 0, got {start}, {count}")
+        weave = self.web.lines(start, count).astype(np.float64)
+        rows = np.arange(start, start + count, dtype=np.int64)[:, None]
+        cols = np.arange(self.width, dtype=np.int64)[None, :]
+        left = np.floor(self.edge + self.shift(rows))  # (count, 1)
+        n1, n2 = _uniform_pair(_hash(rows, cols, _key(self.seed, 11)))
+        light = self.background + (n1 + n2 - 1.0) * 6.0
+        selv = 215.0 + (n1 - 0.5) * 10.0
+        img = np.where(cols < left, light, np.where(cols < left + self.selvage, selv, weave))
+        out: U8 = np.clip(np.rint(img), 0.0, 255.0).astype(np.uint8)
+        return np.ascontiguousarray(out)
 
 
 # ---------------------------------------------------------------------------------------------
