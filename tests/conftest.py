@@ -23,8 +23,8 @@ from hypothesis import settings as hypothesis_settings
 
 from linescan.backends.torch_cpu import TorchBackend
 from linescan.calibrate import calibrate, store
-from linescan.data.images import test_samples, training_images
-from linescan.data.synthetic import write_synthetic_dataset
+from linescan.data.images import test_samples, training_images, write_grey
+from linescan.data.synthetic import EdgedWeb, write_synthetic_dataset
 from linescan.model.bundle import Bundle, load_bundle
 from linescan.preprocess import InputSpec
 from linescan.train import TrainConfig, TrainResult, train
@@ -124,6 +124,41 @@ def ssim_model_full(tmp_path_factory: pytest.TempPathFactory, woven_data: Path) 
     """The same at full resolution (no down-scaling), fewer crops: for the streaming tests."""
     out = tmp_path_factory.mktemp("models") / "ssim_full"
     return _train_calibrated(woven_data, out, input=InputSpec(downscale=1), patches=512)
+
+
+# A web narrower than the camera's view, wandering sideways (EdgedWeb): the model of
+# ``edged_model`` is trained on 12 stretches of it and calibrated, with the default rule, on 12
+# other stretches; tests inspect yet other stretches (from line EDGED_TEST_LINE on).
+EDGED_WIDTH = 384
+EDGED_WEB = {"width": EDGED_WIDTH, "seed": 5, "edge": 64, "wander": 16.0, "period": 1100}
+EDGED_TEST_LINE = 4000
+
+
+@pytest.fixture(scope="session")
+def edged_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(training images, calibration images) of the wandering web, 256 lines each."""
+    root = tmp_path_factory.mktemp("edged")
+    web = EdgedWeb(**EDGED_WEB)  # type: ignore[arg-type]
+    for k in range(12):
+        write_grey(root / "train" / "good" / f"{k:03d}.png", web.lines(k * 256, 256))
+        write_grey(root / "calibration" / f"{k:03d}.png", web.lines(8000 + k * 256, 256))
+    return root, root / "calibration"
+
+
+@pytest.fixture(scope="session")
+def edged_model(tmp_path_factory: pytest.TempPathFactory, edged_data: tuple[Path, Path]) -> Trained:
+    """An SSIM autoencoder of the wandering web (patch 32, d = 32, 1/2 scale), its statistics
+    learned by training, calibrated by ``calibrate``'s defaults (false-alarm budget, residual
+    chosen by evidence, statistics refreshed) on the calibration stretches."""
+    data, calibration = edged_data
+    out = tmp_path_factory.mktemp("models") / "edged"
+    result = train(
+        tiny_config(data, out, latent=32, patches=2048, epochs=4, patience=0), log=io.StringIO()
+    )
+    bundle = load_bundle(out)
+    cal = calibrate(training_images(calibration), bundle.meta, TorchBackend(bundle, "fp32"))
+    store(out, cal)
+    return Trained(out, data, result)
 
 
 @pytest.fixture

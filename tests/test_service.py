@@ -1107,3 +1107,74 @@ def test_serve_speaks_to_systemd(tmp_path: Path, detector: Path) -> None:
     ready = seen.index(b"READY=1")
     assert all(m.startswith(b"EXTEND_TIMEOUT_USEC=") for m in seen[:ready])
     assert seen[ready + 1].startswith(b"STATUS=inspecting frames from tcp://")
+
+
+# --------------------------------------------------------------------------- a real-looking web
+
+
+def _disk(web: U8, line: int, x: int, radius: int, grey: int) -> Defect:
+    """A flat disk of ``grey`` (a hole, a speck of dirt, a bright fleck); its bounding box."""
+    yy, xx = np.mgrid[0 : 2 * radius + 1, 0 : 2 * radius + 1]
+    inside = (yy - radius) ** 2 + (xx - radius) ** 2 <= radius * radius
+    web[line : line + 2 * radius + 1, x : x + 2 * radius + 1][inside] = grey
+    return Defect("hole", line, x, 2 * radius + 1, 2 * radius + 1)
+
+
+def _bar(web: U8, line: int, x: int, height: int, width: int, grey: int) -> Defect:
+    """A flat scratch or line of ``height`` x ``width`` pixels."""
+    web[line : line + height, x : x + width] = grey
+    return Defect("broken_thread", line, x, height, width)
+
+
+def test_a_wandering_web_with_planted_defects_through_the_daemon(edged_model: Any) -> None:
+    """A web that wanders 32 px sideways past a bright backlight, with five blatant defects
+    (dark spots of grey 8 and 10 and a bright one of 250, radius 5-7 px; a 6 x 60 px dark
+    scratch just inside the web's edge; a 4 x 100 px bright line across the web), inspected
+    by the real daemon with the model's default calibration: every defect is an event, nothing
+    else is (not the web's first lines, not its edge), and the status messages and the
+    metrics say where the web's edge is."""
+    from conftest import EDGED_TEST_LINE, EDGED_WEB, EDGED_WIDTH
+
+    from linescan.data.synthetic import EdgedWeb
+
+    web_def = EdgedWeb(**EDGED_WEB)
+    start, lines = EDGED_TEST_LINE, 1600
+    web = web_def.lines(start, lines)
+
+    def edge(line: int) -> int:
+        return web_def.edge_at(start + line)
+
+    planted = [
+        _disk(web, 150, 200, 6, 8),
+        _disk(web, 420, edge(420) + 60, 5, 10),
+        _disk(web, 700, 300, 7, 250),
+        _bar(web, 950, edge(950) + 8, 60, 6, 12),
+        _bar(web, 1300, 150, 4, 100, 250),
+    ]
+    bundle = load_bundle(edged_model.path)
+    meta = bundle.meta
+    assert meta.calibration is not None and meta.calibration["rule"] == "budget"  # noqa: PT018
+    heights = list(np.random.default_rng(4).integers(40, 300, size=40))
+    cut = [int(h) for h in np.cumsum(heights) if h < lines]
+    sizes = list(np.diff([0, *cut, lines]))
+    with running(make_config(), meta, torch_backend(edged_model.path)) as run:
+        send_frames(run.push(), web, [int(h) for h in sizes])
+        run.sub.drained(len(sizes))
+        final = run.stop()
+        metrics = scrape(run.metrics_url)
+    events = run.sub.defects
+    for d in planted:
+        assert any(overlaps(d, e) for e in events), f"{d} not found in {events}"
+    for e in events:
+        assert any(overlaps(d, e) for d in planted), f"false alarm {e}"
+    assert final["frames_inspected"] == len(sizes)
+    webs = [s["web"]["cam0"] for s in run.sub.statuses if s["web"].get("cam0")]
+    assert webs, "no status message named the web's edges"
+    lefts = {w["left_px"] for w in webs}
+    assert min(lefts) >= EDGED_WEB["edge"] - 20
+    assert max(lefts) <= EDGED_WEB["edge"] + 40
+    assert all(w["right_px"] is None for w in webs)
+    assert webs[-1]["line"] == lines
+    edge_px = metrics[("linescan_web_edge_px", (("camera", "cam0"), ("side", "left")))]
+    assert abs(edge_px - edge(lines - 1)) <= 12
+    assert web.shape[1] == EDGED_WIDTH

@@ -282,3 +282,52 @@ def test_tracker_memory_stays_bounded(ssim_model: Trained) -> None:
     assert max(worst) <= bound, max(worst)
     half = len(worst) // 2
     assert max(worst[half:]) <= max(worst[:half])  # no growth with the web's length
+
+
+@pytest.fixture(scope="module")
+def edged_case(
+    edged_model: Trained,
+) -> tuple[BundleMeta, TileMemo, list[Region], npt.NDArray[np.uint8]]:
+    """A wandering web with a backlight beyond its edge and planted defects (some at the edge),
+    the edged model at 0.6 of its threshold (so that its edge zone, its columns and its first
+    and last rows all raise regions), and the offline regions."""
+    from conftest import EDGED_TEST_LINE, EDGED_WEB
+
+    from linescan.data.synthetic import EdgedWeb
+
+    web_def = EdgedWeb(**EDGED_WEB)  # type: ignore[arg-type]
+    web = web_def.lines(EDGED_TEST_LINE, 900)
+    plant_defects(
+        web,
+        0,
+        [
+            Defect("hole", 100, web_def.edge_at(EDGED_TEST_LINE + 100) - 4, 12, 12),
+            Defect("knot", 400, 250, 12, 12),
+            Defect("broken_thread", 600, 150, 90, 4),
+        ],
+    )
+    meta = _with_low_threshold(edged_model)
+    meta = replace(meta, threshold=0.75 * (meta.threshold or 0.0))
+    assert meta.score is not None
+    assert meta.score.edges is not None
+    assert meta.scoring().per_column(meta.input.model_shape(1, web.shape[1])[1])
+    backend = TileMemo(edged_model.backend())
+    offline = inspect_image(web, meta, backend).regions
+    assert len(offline) >= 4
+    return meta, backend, offline, web
+
+
+@PROPERTY
+@given(data=st.data())
+def test_stream_equals_offline_with_edges_columns_and_rows(
+    edged_case: tuple[BundleMeta, TileMemo, list[Region], npt.NDArray[np.uint8]],
+    data: st.DataObject,
+) -> None:
+    """With every layer of the score at work (per-column statistics, the tracked edge and its
+    zone, the segment's first and last rows), any split of the web into frames gives the
+    offline regions exactly, scores included."""
+    meta, backend, offline, web = edged_case
+    heights = _split(data.draw, web.shape[0])
+    got, tracker, _ = _stream(web, heights, meta, backend)
+    assert tracker.ended
+    assert sorted(got, key=_key) == sorted(offline, key=_key)
