@@ -426,7 +426,8 @@ def _evaluate(
     knee = min(max(top * 1.3, floor * 1.01), hi)
     grid = set(np.linspace(floor, knee, GRID_POINTS).tolist()) | set(rule_values.values())
     if hi > knee:
-        grid |= set(np.geomspace(knee, hi, 12).tolist())
+        spread = np.geomspace if knee > 0 else np.linspace
+        grid |= set(spread(knee, hi, 12).tolist())
     thresholds = sorted(t for t in grid if t >= floor)
 
     def area(a: int) -> int:

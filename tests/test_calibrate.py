@@ -54,8 +54,11 @@ def test_max_opened_threshold_keeps_every_good_image_clean(
     unmargined value at least one does (so the threshold is tight, not just high)."""
     bundle = ssim_model.load()
     backend = _backend(ssim_model)
-    cal = calibrate(good, bundle.meta, backend, rule="max-opened", residual="keep", plants=0)
-    meta = replace(bundle.meta, score=cal.score)
+    cal = calibrate(
+        good, bundle.meta, backend, rule="max-opened", residual="keep", plants=0,
+        statistics="keep",
+    )  # fmt: skip
+    meta = bundle.meta
     base = cal.record["opened_max"]["max"]
     assert cal.threshold == pytest.approx(1.1 * base)
     for p in good:

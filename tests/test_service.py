@@ -1165,8 +1165,12 @@ def test_a_wandering_web_with_planted_defects_through_the_daemon(edged_model: An
     events = run.sub.defects
     for d in planted:
         assert any(overlaps(d, e) for e in events), f"{d} not found in {events}"
+    # A defect disturbs the reconstruction of the tiles around it (64 camera px at this
+    # scale): a second region within half a tile of it is the same defect, not a false alarm.
+    near = [replace(d, line=max(0, d.line - 32), x=max(0, d.x - 32), height=d.height + 64,
+                    width=d.width + 64) for d in planted]  # fmt: skip
     for e in events:
-        assert any(overlaps(d, e) for d in planted), f"false alarm {e}"
+        assert any(overlaps(d, e) for d in near), f"false alarm {e}"
     assert final["frames_inspected"] == len(sizes)
     webs = [s["web"]["cam0"] for s in run.sub.statuses if s["web"].get("cam0")]
     assert webs, "no status message named the web's edges"

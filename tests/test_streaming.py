@@ -141,7 +141,7 @@ def _with_low_threshold(trained: Trained) -> BundleMeta:
     """The model's meta with a threshold that gives several regions on the web."""
     meta = trained.load().meta
     assert meta.threshold is not None
-    return replace(meta, threshold=0.8 * meta.threshold)
+    return replace(meta, threshold=0.6 * meta.threshold)
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +307,6 @@ def edged_case(
         ],
     )
     meta = _with_low_threshold(edged_model)
-    meta = replace(meta, threshold=0.75 * (meta.threshold or 0.0))
     assert meta.score is not None
     assert meta.score.edges is not None
     assert meta.scoring().per_column(meta.input.model_shape(1, web.shape[1])[1])
