@@ -559,6 +559,18 @@ def cmd_keygen(a: argparse.Namespace) -> int:
     return 0
 
 
+def _patch_arg(text: str) -> int:
+    if text == "auto":
+        return 0
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--patch wants auto or a number, got {text!r}") from exc
+    if value < 16 or value % 16:
+        raise argparse.ArgumentTypeError(f"--patch must be a multiple of 16, got {text!r}")
+    return value
+
+
 def _duration_arg(text: str) -> float:
     """45m, 2h, 900s or 900 -> seconds."""
     units = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -603,7 +615,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, required=True, help="model bundle directory to write")
     t.add_argument("--loss", choices=["ssim", "l2", "vae", "fm"], default="ssim")
     t.add_argument("--latent", type=int, default=100, help="latent size d (paper: 100)")
-    t.add_argument("--patch", type=int, default=128, help="patch size (multiple of 16)")
+    t.add_argument(
+        "--patch",
+        type=_patch_arg,
+        default=0,
+        help="patch size (multiple of 16); default auto: the paper's 128, or 64/32 where the "
+        "images are shorter than two 128-px patches at the model's scale",
+    )
     t.add_argument("--patches", type=int, default=10_000, help="random crops (paper: 10,000)")
     t.add_argument(
         "--epochs",

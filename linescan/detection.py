@@ -195,9 +195,10 @@ def budget_threshold(counts: Counts, budget_per_mpx: float) -> BudgetThreshold:
     every higher threshold. Where they do not (a budget of one alarm in 100 Mpx, calibrated on
     10 Mpx), the tail is extrapolated: the alarm count of a residual's upper tail falls
     roughly exponentially with the threshold, so log(alarms) is fitted linearly over the
-    observed tail (weighted by the counts) and solved for the budget, never below the lowest
-    threshold that raised no alarm at all. Without a tail to fit (fewer than three thresholds
-    with alarms), that zero-alarm threshold with a 10 % margin is taken.
+    observed tail (from the threshold with the most alarms up, weighted by the counts) and
+    solved for the budget, never below the lowest threshold that raised no alarm at all and
+    never further above it than the tail is long. Without a tail to fit (fewer than three
+    thresholds with alarms), that zero-alarm threshold with a 10 % margin is taken.
     """
     ts, alarms, mpx = counts.thresholds, counts.alarms, max(counts.good_mpx, 1e-12)
     allowed = budget_per_mpx * mpx
@@ -211,14 +212,22 @@ def budget_threshold(counts: Counts, budget_per_mpx: float) -> BudgetThreshold:
         i = int(np.searchsorted(ts, best))
         return BudgetThreshold(best, float(alarms[i] / mpx), False, None)
     zero = best  # with allowed < 1: the lowest threshold with no alarm here and above
-    tail = (alarms >= 1) & (alarms <= max(50.0, 0.02 * alarms.max()))
+    # The tail: from the threshold with the most alarms upwards (below it regions merge, and
+    # their count falls again), the points that still raise at least one.
+    peak = int(np.argmax(alarms))
+    tail = np.zeros(alarms.size, dtype=bool)
+    tail[peak:] = alarms[peak:] >= 1
+    fallback = BudgetThreshold(zero * 1.1 if zero > 0 else zero, 0.0, True, None)
     if np.count_nonzero(tail) < 3:
-        return BudgetThreshold(zero * 1.1 if zero > 0 else zero, 0.0, True, None)
+        return fallback
     x, y, w = ts[tail], np.log(alarms[tail]), alarms[tail]
     b, a = np.polyfit(x, y, 1, w=np.sqrt(w))
     if not b < 0 or not math.isfinite(a):
-        return BudgetThreshold(zero * 1.1 if zero > 0 else zero, 0.0, True, None)
+        return fallback
     t_star = (math.log(allowed) - a) / b if allowed > 0 else math.inf
-    t = max(zero, t_star) if math.isfinite(t_star) else zero * 1.1
+    # Never below the zero-alarm threshold; never more than twice as far above the tail's
+    # start as the zero-alarm threshold is (a shallow fit must not push it out of sight).
+    cap = zero + (zero - float(x[0])) if zero > float(x[0]) else zero * 1.5
+    t = min(max(zero, t_star), cap) if math.isfinite(t_star) else cap
     expected = math.exp(a + b * t) / mpx
     return BudgetThreshold(float(t), float(expected), True, (float(a), float(b)))

@@ -59,7 +59,7 @@ class TrainConfig:
     out: Path
     loss: Loss = "ssim"
     latent: int = 100
-    patch: int = 128
+    patch: int = 128  # 0: chosen from the images (``choose_patch``)
     patches: int = 10_000
     epochs: int = 200
     batch: int = 64
@@ -102,6 +102,27 @@ def default_residual(loss: Loss) -> ResidualKind:
 
 
 # --------------------------------------------------------------------------- data
+
+
+PATCHES = (128, 64, 32)
+
+
+def choose_patch(images: Sequence[F32]) -> int:
+    """The paper's 128, or the largest smaller patch at most half the images' smaller side.
+
+    A patch as tall as the images puts every crop at the same height: the model then learns
+    the texture at one vertical phase only and reconstructs a web (or an image) that starts at
+    another badly, worst at the tiles' borders (AITEX at 1/2 scale: 128 rows, every crop at
+    y = 0). With at least two patches per side, crops see every phase.
+    """
+    side = min(min(x.shape) for x in images)
+    for p in PATCHES:
+        if side >= 2 * p:
+            return p
+    for p in (*PATCHES, 16):
+        if side >= p:
+            return p
+    raise DataError(f"images of {side} px at the model's scale are smaller than a 16-px patch")
 
 
 def load_images(paths: Sequence[Path], spec: InputSpec, patch: int) -> list[F32]:
@@ -313,7 +334,14 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> TrainResult:
     train_paths, hold = split_holdout(paths, cfg.holdout, cfg.seed)
     bit_depth = cfg.bit_depth or infer_bit_depth(train_paths)
     spec = replace(cfg.input, bit_depth=bit_depth)
-    images = load_images(train_paths, spec, cfg.patch)
+    images = load_images(train_paths, spec, cfg.patch or 16)
+    if not cfg.patch:
+        chosen = choose_patch(images)
+        log.write(
+            f"patch {chosen} (the images are {min(min(x.shape) for x in images)} px on their "
+            "smaller side at the model's scale; --patch to choose)\n"
+        )
+        cfg = replace(cfg, patch=chosen)
     pos = crop_positions(images, cfg.patches, cfg.patch, cfg.seed)
 
     torch.manual_seed(cfg.seed)

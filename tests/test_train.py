@@ -362,3 +362,27 @@ def test_training_learns_the_score_statistics(ssim_model: Trained) -> None:
     assert meta.score is not None
     assert set(meta.score.columns) == {"dssim", "absdiff", "sqdiff"}
     assert meta.score.width == 128  # 256-px images at 1/2 scale
+
+
+def test_the_patch_fits_the_images() -> None:
+    """auto: the paper's 128 where the images hold two patches on their smaller side, else the
+    largest of 64 and 32 that does (AITEX at 1/2 scale, 128 rows: 64), so that crops vary in
+    height and the model does not learn one vertical phase of the texture."""
+    from linescan.train import choose_patch
+
+    assert choose_patch([np.zeros((512, 512), np.float32)]) == 128
+    assert choose_patch([np.zeros((128, 2048), np.float32)]) == 64
+    assert choose_patch([np.zeros((100, 300), np.float32), np.zeros((300, 300), np.float32)]) == 32
+    assert choose_patch([np.zeros((40, 40), np.float32)]) == 32  # one patch, no two
+    with pytest.raises(DataError, match="smaller than a 16-px patch"):
+        choose_patch([np.zeros((8, 100), np.float32)])
+
+
+def test_auto_patch_is_recorded(
+    tmp_path: Path, woven_data: Path, train_config: ConfigFactory
+) -> None:
+    """patch 0 (the CLI's auto) trains with the chosen patch and says so."""
+    log = io.StringIO()
+    res = train(train_config(woven_data, tmp_path / "m", patch=0, **QUICK), log=log)
+    assert res.meta.patch == 64  # 256-px images at 1/2 scale: 128 px
+    assert "patch 64 (the images are 128 px" in log.getvalue()
