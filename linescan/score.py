@@ -429,11 +429,12 @@ def learn_score(
     zones: dict[tuple[Component, Side], Stats] = {}
     for comp in comps:
         interior: list[F32] = []
-        zone_samples: dict[Side, list[list[F32]]] = {
-            s: [[] for _ in range(2 * ZONE + 1)] for s in SIDES
-        }
+        # edge-zone samples: values and their zone index (distance + ZONE), per side
+        zone_vals: dict[Side, list[F32]] = {s: [] for s in SIDES}
+        zone_idx: dict[Side, list[npt.NDArray[np.intp]]] = {s: [] for s in SIDES}
         for x_maps, img_runs in zip(maps, runs, strict=True):
             r = x_maps[comp]
+            cols = np.arange(r.shape[1])
             for a, b, e in img_runs:
                 rows = r[a:b][::step] if step > 1 else r[a:b]
                 kind = _column_kinds(r.shape[1], e)
@@ -442,12 +443,11 @@ def learn_score(
                     pos = getattr(e, side)
                     if pos is None or edge_model is None:
                         continue
-                    cols = np.arange(r.shape[1])
                     d = cols - pos if side == "left" else (pos - 1) - cols
-                    for dd in range(-ZONE, ZONE + 1):
-                        sel = d == dd
-                        if sel.any():
-                            zone_samples[side][dd + ZONE].append(rows[:, sel].ravel())
+                    inzone = np.abs(d) <= ZONE
+                    if inzone.any():
+                        zone_vals[side].append(rows[:, inzone].ravel())
+                        zone_idx[side].append(np.tile(d[inzone] + ZONE, rows.shape[0]))
         inner = np.concatenate(interior) if width else None
         flat = (
             np.concatenate([m[comp][::step].ravel() for m in maps])
@@ -471,8 +471,12 @@ def learn_score(
         if edge_model is not None:
             for side in edge_model.sides:
                 cs, us = [], []
-                for samples in zone_samples[side]:
-                    v = np.concatenate(samples) if samples else np.empty(0, np.float32)
+                vals = np.concatenate(zone_vals[side]) if zone_vals[side] else np.empty(0)
+                idx = np.concatenate(zone_idx[side]) if zone_idx[side] else np.empty(0, np.intp)
+                order = np.argsort(idx, kind="stable")
+                bounds = np.searchsorted(idx[order], np.arange(2 * ZONE + 2))
+                for k in range(2 * ZONE + 1):
+                    v = vals[order[bounds[k] : bounds[k + 1]]]
                     m_, h_ = _robust(v) if v.size >= MIN_SAMPLES else (med, hi)
                     cs.append(m_)
                     us.append(h_)
