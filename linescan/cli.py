@@ -266,6 +266,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
             "model": meta.model_id,
             "threshold": res.threshold,
             "residual": meta.residual,
+            "score": meta.scoring().describe(res.score.shape[1]),
             "seconds": round(seconds, 3),
             "regions": [r.to_dict() for r in res.regions],
         }

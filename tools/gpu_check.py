@@ -261,7 +261,7 @@ def set_threshold(bundles: dict[str, Path]) -> float:
     backend = create_backend(b, "torch-cuda" if torch.cuda.is_available() else "torch", "fp32")
     rec = reconstruct(woven_frame(512, 1024, seed=11), b.meta, backend, Settings(max_batch=256))
     backend.close()
-    thr = float(rec.residual.max()) * 1.2 + 1e-3
+    thr = float(rec.score.max()) * 1.2 + 1e-3  # the score is what the threshold applies to
     update_meta(bundles["ae"], threshold=thr)
     return thr
 
