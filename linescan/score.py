@@ -297,6 +297,8 @@ class Scoring:
                 best = z if best is None else np.maximum(best, z, out=best)
             if best is None:  # pragma: no cover - every kind has a component
                 raise RuntimeError("no components")
+            if self.fixed_columns is not None:  # configured columns: nothing outside them
+                off |= _off_web(width, edges)
             best[:, off] = OFF_WEB
             out[i:j] = best
         return out

@@ -275,3 +275,15 @@ def test_reconstruct_scores_off_the_web_as_zero(edged_model: Trained) -> None:
     assert left > 20
     assert (rec.score[:, : left - 8] == 0).all()
     assert (rec.residual[:, : left - 8] > 0).any()
+
+
+def test_fixed_web_columns_score_nothing_outside_them(edged_model: Trained) -> None:
+    """With [inspection] web columns configured, every pixel outside them scores 0 and the
+    edges are the configured ones."""
+    b = edged_model.load()
+    web = EdgedWeb(**EDGED_WEB).lines(EDGED_TEST_LINE, 256)  # type: ignore[arg-type]
+    rec = reconstruct(web, b.meta, TorchBackend(b, "fp32"), Settings(web_columns=(120, 360)))
+    assert {(e.left, e.right) for *_, e in rec.edges} == {(60, 180)}
+    assert (rec.score[:, :60] == 0).all()
+    assert (rec.score[:, 180:] == 0).all()
+    assert (rec.score[:, 60:180] != 0).any()
