@@ -411,3 +411,25 @@ def test_format_points_marks_the_choice(traded: tuple[Calibration, list[TestSamp
     assert "synthetic found" in lines[0]
     assert sum("<- chosen" in line for line in lines) == 1
     assert any("quantile 0.999" in line for line in lines)
+
+
+def test_a_flawed_good_image_is_left_out_and_named(ssim_model: Trained, tmp_path: Path) -> None:
+    """Among ten "defect-free" images, one with a blatant hole is left out of the false-alarm
+    count (it would otherwise set the threshold above every real defect) and named; the
+    threshold is the one the nine clean images give."""
+    from linescan.data.synthetic import Defect, plant_defects, write_synthetic_dataset
+
+    root = write_synthetic_dataset(tmp_path / "ten", "woven", 10, 0, 0, (256, 256), seed=0)
+    paths = training_images(root)
+    flawed = read_grey(paths[4])
+    plant_defects(flawed, 0, [Defect("hole", 100, 100, 20, 20)])
+    write_grey(paths[4], flawed)
+    bundle = ssim_model.load()
+    kw: dict[str, object] = {"residual": "keep", "statistics": "keep", "plants": 0}
+    cal = calibrate(paths, bundle.meta, _backend(ssim_model), **kw)  # type: ignore[arg-type]
+    assert [o["image"] for o in cal.record["outliers"]] == [str(paths[4])]
+    assert cal.record["outliers"][0]["score"] > 1.5 * cal.threshold
+    clean = calibrate(paths[:4] + paths[5:], bundle.meta, _backend(ssim_model), **kw)  # type: ignore[arg-type]
+    assert cal.threshold == pytest.approx(clean.threshold, rel=0.05)  # grids differ a little
+    assert clean.record["outliers"] == []
+    assert "left out of the threshold: 004.png" in format_kinds(cal.record)
