@@ -636,11 +636,11 @@ def format_points(points: Sequence[dict[str, Any]], chosen: float) -> str:
 def format_kinds(record: dict[str, Any]) -> str:
     """What the chosen threshold finds, kind by kind, and what it cannot see."""
     kinds = record.get("kinds") or {}
-    if not kinds:
-        return "no synthetic defects were planted (--plants 0)"
     lines = [
         f"synthetic defects found at threshold {record['threshold']:.4g} "
         f"({record['residual']} score), {record['plants_per_image']} planted cop(ies) per image:"
+        if kinds
+        else "no synthetic defects were planted (--plants 0)"
     ]
     for k, v in kinds.items():
         auc = "-" if v["auroc"] is None else f"{v['auroc']:.2f}"
