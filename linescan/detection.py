@@ -187,6 +187,9 @@ class BudgetThreshold:
     fit: tuple[float, float] | None  # log(alarms) = a + b * threshold, over the tail
 
 
+TAIL_START = 20  # the fitted tail starts where fewer alarms than this remain
+
+
 def budget_threshold(counts: Counts, budget_per_mpx: float) -> BudgetThreshold:
     """The lowest threshold whose false alarms per Mpx of defect-free web stay within budget.
 
@@ -195,7 +198,8 @@ def budget_threshold(counts: Counts, budget_per_mpx: float) -> BudgetThreshold:
     every higher threshold. Where they do not (a budget of one alarm in 100 Mpx, calibrated on
     10 Mpx), the tail is extrapolated: the alarm count of a residual's upper tail falls
     roughly exponentially with the threshold, so log(alarms) is fitted linearly over the
-    observed tail (from the threshold with the most alarms up, weighted by the counts) and
+    observed tail (its last decline: from the last threshold with ``TAIL_START`` alarms or
+    more, or the one with the most, upwards; weighted by the counts) and
     solved for the budget, never below the lowest threshold that raised no alarm at all and
     never further above it than the tail is long. Without a tail to fit (fewer than three
     thresholds with alarms), that zero-alarm threshold with a 10 % margin is taken.
@@ -215,8 +219,12 @@ def budget_threshold(counts: Counts, budget_per_mpx: float) -> BudgetThreshold:
     # The tail: from the threshold with the most alarms upwards (below it regions merge, and
     # their count falls again), the points that still raise at least one.
     peak = int(np.argmax(alarms))
+    # ... and only its last decline: from the last threshold with TAIL_START or more alarms
+    # (the bulk below can plateau or even rise while regions fragment)
+    many = np.flatnonzero(alarms[peak:] >= TAIL_START)
+    start = peak + (int(many[-1]) if many.size else 0)
     tail = np.zeros(alarms.size, dtype=bool)
-    tail[peak:] = alarms[peak:] >= 1
+    tail[start:] = alarms[start:] >= 1
     fallback = BudgetThreshold(zero * 1.1 if zero > 0 else zero, 0.0, True, None)
     if np.count_nonzero(tail) < 3:
         return fallback
