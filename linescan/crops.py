@@ -196,6 +196,9 @@ class Cropper:
             self._cameras[camera] = cam
         return cam
 
+    def cameras(self) -> list[str]:
+        return list(self._cameras)
+
     def nbytes(self) -> int:
         """Memory the rings hold now (camera lines and score rows, all cameras)."""
         return sum(c.lines.nbytes + c.scores.nbytes for c in self._cameras.values())

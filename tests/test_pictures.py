@@ -250,10 +250,10 @@ def test_the_daemon_keeps_pictures_in_memory_or_none(tmp_path: Path, enabled: bo
     with running(config, bundle) as run:
         run.drained(run.send(web))
         [event] = run.defects
+        status, headers, body = http(f"{run.url}/defects/{event['seq']}.png")  # waits for it
         stored = run.daemon.registry.get_sample_value(
             "linescan_pictures_total", {"result": "stored"}
         )
-        status, headers, body = http(f"{run.url}/defects/{event['seq']}.png")
     if enabled:
         assert event["image"] == f"/defects/{event['seq']}.png"
         assert (status, headers["Content-Type"]) == (200, "image/png")

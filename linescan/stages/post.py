@@ -112,8 +112,8 @@ class Post:
                 item = None
             self.heartbeat()
             if item is STOP:
-                for cam in list(self._trackers):
-                    self._pictures(cam, ended=True)
+                for cam in [] if self.cropper is None else self.cropper.cameras():
+                    self._pictures(cam, ended=True)  # every crop still owed
                 self.events.status(final=True, web=self.web, cameras=self.cameras)
                 return
             if item is not None:
