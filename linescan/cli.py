@@ -1,4 +1,4 @@
-"""The ``linescan`` command: train | calibrate | inspect | evaluate | serve | demo | ...
+"""The ``linescan`` command: train | calibrate | inspect | evaluate | serve | demo | report | ...
 
 Every subcommand is a thin shell around a library function; errors the user can fix
 (``LinescanError``) print one clear line and exit 2, never a traceback.
@@ -365,9 +365,17 @@ def cmd_serve(a: argparse.Namespace) -> int:
     server = None
     if config.metrics.enabled:
         server = MetricsServer(
-            daemon.registry, config.metrics.host, config.metrics.port, lambda: daemon.ready
+            daemon.registry,
+            config.metrics.host,
+            config.metrics.port,
+            lambda: daemon.ready,
+            app=daemon.view if config.metrics.page else None,
         )
         server.start()
+        if config.metrics.page:
+            from linescan.live import page_url
+
+            log.info("live page", url=page_url(config.metrics.host, server.port))
     daemon.start()
     sdnotify.ready()
     sdnotify.status(f"inspecting frames from {daemon.frames_endpoint}")
@@ -452,9 +460,33 @@ def cmd_demo(a: argparse.Namespace) -> int:
         defects=a.defects,
         line_rate_hz=a.line_rate,
         seed=a.seed,
+        hold=a.hold,
     )
     ok = res.final_status is not None and len(res.found()) > 0
     return 0 if ok else 1
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from linescan.report import load_report, write_report
+
+    if a.since < 0:
+        raise LinescanError("--since must be a defect seq >= 0")
+    report = load_report(a.journal, a.since, a.camera)
+    if not report.events:
+        camera = f" of camera {a.camera}" if a.camera else ""
+        report.notes.append(f"no defect events{camera} from seq {a.since} in {a.journal}")
+    try:
+        wrote = write_report(report, a.out)
+    except OSError as exc:
+        raise LinescanError(f"cannot write the report to {a.out}: {exc}") from exc
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(
+        f"wrote {a.out / 'index.html'} ({wrote['html_entries']} defects, "
+        f"{wrote['pictures']} pictures), {a.out / 'defects.csv'} ({wrote['csv_rows']} rows), "
+        f"{a.out / 'rollmap.png'}"
+    )
+    return 0
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
@@ -836,6 +868,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "0: as fast as the daemon takes them)",
             )
             d.add_argument("--seed", type=int, default=7)
+            d.add_argument(
+                "--hold",
+                action="store_true",
+                help="keep the live page up after the summary, until Ctrl-C",
+            )
             d.set_defaults(func=cmd_demo)
 
     cc = sub.add_parser("check-config", help="validate a config file; print every error")
@@ -881,6 +918,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="CurveZMQ public key file of the daemon's event socket",
     )
     ev.set_defaults(func=cmd_events)
+
+    rp = sub.add_parser(
+        "report", help="a roll report from the event journal: index.html, defects.csv, rollmap.png"
+    )
+    rp.add_argument("--journal", type=Path, required=True, help="the daemon's journal file")
+    rp.add_argument("--since", type=int, default=0, metavar="SEQ", help="from this event on")
+    rp.add_argument("--camera", default=None, help="only this camera's defects")
+    rp.add_argument("--out", type=Path, required=True, help="directory to write the report in")
+    rp.set_defaults(func=cmd_report)
 
     kg = sub.add_parser("keygen", help="write CurveZMQ key pairs (NAME.key, NAME.key_secret)")
     kg.add_argument("dir", type=Path, help="directory to write the keys in")

@@ -33,6 +33,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from linescan.errors import ConfigError
@@ -47,7 +48,9 @@ __all__ = [
     "LogConfig",
     "MetricsConfig",
     "ModelConfig",
+    "PicturesConfig",
     "QueuesConfig",
+    "RepeatsConfig",
     "apply_overrides",
     "check_config",
     "load_config",
@@ -155,6 +158,12 @@ class MetricsConfig(_Section):
 
     listen: str = "127.0.0.1:9108"
     enabled: bool = True
+    page: bool = True
+    """Serve the live page (``/``, ``/api/...``, ``/defects/SEQ.png``) beside the metrics."""
+    token_file: _PathField | None = None
+    """A file holding the page's access token: with it, ``/``, ``/api`` and ``/defects`` need
+    ``?token=...`` once (a cookie keeps it) or ``Authorization: Bearer ...``; ``/metrics`` and
+    the health checks never do. Not set: the page is open to whoever reaches ``listen``."""
 
     @field_validator("listen")
     @classmethod
@@ -182,6 +191,9 @@ class InspectionConfig(_Section):
     max_batch: Annotated[int, Field(ge=1, le=4096)] = 64
     max_wait_ms: Annotated[float, Field(ge=0, le=10_000, allow_inf_nan=False)] = 20.0
     lines_per_metre: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1000.0
+    pixels_per_metre: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    """Camera pixels per metre across the web (for defects per square metre); None: the same
+    as ``lines_per_metre`` (square pixels)."""
     camera: str = "cam0"
     min_area_px: Annotated[int, Field(ge=0)] = 0
     opening_px: Annotated[int, Field(ge=1, le=256)] | Literal["paper"] | None = None
@@ -284,6 +296,54 @@ class JournalConfig(_Section):
     """ZeroMQ REP endpoint answering replay requests (bound only while journaling)."""
 
 
+class PicturesConfig(_Section):
+    """``[pictures]``: a small picture of every defect (``crops.py``, ``pictures.py``).
+
+    Camera pixels around the region, outlined, with its score map beside it, as a PNG served at
+    ``/defects/SEQ.png`` and named by the event's ``image`` key. Stored beside the journal and
+    pruned with it, or, without a journal, the newest ``keep`` in memory.
+    """
+
+    enabled: bool = True
+    size_px: Annotated[int, Field(ge=32, le=1024)] = 160
+    """Longer side of each half of a picture (the camera pixels, and the score map), in
+    picture pixels: a bigger region is shrunk to it, a small one enlarged."""
+    margin_px: Annotated[int, Field(ge=0, le=4096)] = 24
+    """Camera pixels of context around the region (more for big regions: a quarter of it)."""
+    ring_lines: Annotated[int, Field(ge=256, le=1_000_000)] = 4096
+    """Recent camera lines kept per camera to cut pictures from (memory: ring_lines x width x
+    bytes per pixel per camera); a region taller than this gets a picture of its lower part."""
+    keep: Annotated[int, Field(ge=1, le=100_000)] = 500
+    """Without a journal: pictures (and events for the page) kept in memory."""
+    queue: Annotated[int, Field(ge=1, le=100_000)] = 256
+    """Pictures waiting to be drawn; past it a picture is skipped (counted), never the event."""
+
+
+class RepeatsConfig(_Section):
+    """``[repeats]``: defects that recur at the same place across the web with a constant period
+    down the web (a damaged roller), found by ``repeats.py``."""
+
+    enabled: bool = True
+    min_count: Annotated[int, Field(ge=3, le=100)] = 3
+    """Defects in a row with one period before they are a repeating series."""
+    x_tolerance_px: Annotated[int, Field(ge=0, le=100_000)] = 24
+    """How far (camera pixels) a repeat's centre may lie from the series' across the web."""
+    period_tolerance_lines: Annotated[int, Field(ge=0, le=100_000)] = 12
+    period_tolerance: Annotated[float, Field(ge=0, le=0.5, allow_inf_nan=False)] = 0.01
+    """The period may vary by period_tolerance_lines + period_tolerance x period lines."""
+    min_period_lines: Annotated[int, Field(ge=1)] = 64
+    max_period_lines: Annotated[int, Field(ge=1)] = 100_000
+    max_missing: Annotated[int, Field(ge=0, le=100)] = 1
+    """Repeats an established series may miss in a row (not found, or below the threshold)
+    before it ends."""
+
+    @model_validator(mode="after")
+    def _periods(self) -> RepeatsConfig:
+        if self.min_period_lines > self.max_period_lines:
+            raise ValueError("min_period_lines must not exceed max_period_lines")
+        return self
+
+
 class Config(_Section):
     """The whole configuration file."""
 
@@ -296,6 +356,8 @@ class Config(_Section):
     queues: QueuesConfig = Field(default_factory=QueuesConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     journal: JournalConfig = Field(default_factory=JournalConfig)
+    pictures: PicturesConfig = Field(default_factory=PicturesConfig)
+    repeats: RepeatsConfig = Field(default_factory=RepeatsConfig)
 
     def with_overrides(self, overrides: Mapping[str, Mapping[str, object]]) -> Config:
         """A copy with ``{section: {key: value}}`` replaced, validated again.
@@ -369,6 +431,9 @@ def _resolve_paths(config: Config, base: Path) -> Config:
                 }
             ),
             "journal": config.journal.model_copy(update={"path": fix(config.journal.path)}),
+            "metrics": config.metrics.model_copy(
+                update={"token_file": fix(config.metrics.token_file)}
+            ),
         }
     )
 

@@ -3,7 +3,9 @@
 It starts the real daemon (ZeroMQ sockets on loopback, metrics endpoint, the bundled default
 model from ``engines/default``), subscribes to its events like any client would, sends a
 synthetic woven web with defects planted at known positions, prints the events as they come,
-and ends with a summary: planted vs found, lines/s, latency p50/p99.
+and ends with a summary: planted vs found, lines/s, latency p50/p99. The live page (defect
+pictures, roll map, rates) is served on the metrics port while it runs; its address is printed
+first, and ``hold`` keeps it up after the summary until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from linescan.config import Config
 from linescan.data.synthetic import Defect
 from linescan.errors import ModelError
 from linescan.listen import LossTracker, listen
+from linescan.live import page_url
 from linescan.metrics import MetricsServer
 from linescan.model.bundle import BundleMeta, load_bundle
 from linescan.service import Daemon
@@ -106,6 +109,7 @@ def run_demo(
     line_rate_hz: float | None = None,
     seed: int = 7,
     out: TextIO = sys.stdout,
+    hold: bool = False,
 ) -> DemoResult:
     b = load_bundle(bundle or config.model.bundle or default_bundle_path())
     backend = create_backend(
@@ -137,9 +141,16 @@ def run_demo(
     server = None
     if config.metrics.enabled:
         server = MetricsServer(
-            daemon.registry, config.metrics.host, config.metrics.port, lambda: daemon.ready
+            daemon.registry,
+            config.metrics.host,
+            config.metrics.port,
+            lambda: daemon.ready,
+            app=daemon.view if config.metrics.page else None,
         )
         server.start()
+        if config.metrics.page:
+            out.write(f"live page: {page_url(config.metrics.host, server.port)}\n")
+            out.flush()
     out.write(
         f"linescan demo: model {b.meta.model_id} ({backend.name}, {backend.precision}); "
         "warming up...\n"
@@ -206,13 +217,26 @@ def run_demo(
     daemon.stop()
     done.wait(30)  # the final status, published once everything held is published
     daemon.join(30)
-    if server is not None:
-        server.stop()
     res.events = events
     res.final_status = (final or None) if complete else None
     res.lines = int(final.get("lines_inspected", 0)) if final else 0
     res.loss = tracker_box[0] if tracker_box else None
     _summary(res, out)
+    if server is not None:
+        if hold and config.metrics.page:
+            out.write(
+                f"the live page stays up at {page_url(config.metrics.host, server.port)} "
+                "until Ctrl-C\n"
+            )
+            out.flush()
+            try:
+                threading.Event().wait()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                server.stop()
+        else:
+            server.stop()
     return res
 
 

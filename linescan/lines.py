@@ -10,7 +10,9 @@ as the offline pipeline places the last tile of an image.
 
 Every job also carries the model rows that arrived since the previous job, so the tracker on
 the other side of the inference queue (``tracker.py``) keeps its own copy of the input and no
-state is shared between threads.
+state is shared between threads. A band made with ``keep_raw`` also hands on the camera lines
+themselves (``TileJob.raw``: references to the received frames' read-only pixels, no copy),
+for the pictures of defects (``crops.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from linescan.preprocess import InputSpec, block_mean
 from linescan.tiling import TileGrid, cut_tiles
 
 F32 = npt.NDArray[np.float32]
+RawBlock = tuple[int, npt.NDArray[np.generic]]
+"""(absolute web line of the first line, camera lines as received): a frame's pixels."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class TileJob:
     line0: int = 0  # absolute web line of the segment's first line
     raw_width: int = 0  # camera pixels per line
     engine_error: str | None = None  # set by the inference stage when the engine failed
+    raw: list[RawBlock] = field(default_factory=list)  # camera lines since the previous job
 
     @property
     def n_tiles(self) -> int:
@@ -68,6 +73,7 @@ class Band:
         grid: TileGrid,
         raw_width: int,
         line0: int = 0,
+        keep_raw: bool = False,
     ) -> None:
         if not spec.streamable:
             raise ValueError("a model with a fixed resize cannot inspect a stream; use --scale")
@@ -87,6 +93,8 @@ class Band:
         self._raw = 0
         self._next_y = 0  # next regular tile row
         self._frames: list[FrameInfo] = []
+        self._keep_raw = keep_raw
+        self._raw_blocks: list[RawBlock] = []
         self.ended = False
 
     @property
@@ -103,6 +111,8 @@ class Band:
             )
         if info is not None:
             self._frames.append(info)
+        if self._keep_raw:
+            self._raw_blocks.append((self.line0 + self._raw, pixels))
         x = self.spec.normalise(pixels)
         self._raw += x.shape[0]
         if self.n > 1:
@@ -146,6 +156,7 @@ class Band:
             last = jobs.pop()
             jobs[-1].end = True
             jobs[-1].frames.extend(last.frames)
+            jobs[-1].raw.extend(last.raw)
             jobs[-1].new_rows = np.concatenate([jobs[-1].new_rows, last.new_rows])
         self._trim()
         return jobs
@@ -167,9 +178,11 @@ class Band:
             frames=self._frames,
             line0=self.line0,
             raw_width=self.raw_width,
+            raw=self._raw_blocks,
         )
         self._sent = self._m
         self._frames = []
+        self._raw_blocks = []
         return job
 
     def _trim(self) -> None:

@@ -8,7 +8,8 @@ every metric is an attribute of :class:`Metrics`, which registers into the
 so a rate over a counter that never moved reads 0 rather than "no data".
 
 :class:`MetricsServer` serves ``/metrics``, ``/healthz`` (the process answers) and ``/readyz``
-(the model is loaded and the sockets are up: 200, else 503) from a daemon thread.
+(the model is loaded and the sockets are up: 200, else 503) from a daemon thread, and hands
+every other GET to an optional ``app`` (the live page, ``live.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Final
 from urllib.parse import urlsplit
@@ -41,19 +44,30 @@ __all__ = [
     "AUTH_FAILURE_REASONS",
     "DROP_REASONS",
     "EVENT_TOPICS",
+    "HTTP_AUTH_REASONS",
+    "PICTURE_RESULTS",
     "QUEUES",
     "STAGES",
+    "App",
+    "AppResponse",
     "Metrics",
     "MetricsServer",
 ]
 
-STAGES: Final = ("ingest", "band", "infer", "stitch", "residual", "segment", "publish")
+STAGES: Final = (
+    "ingest", "band", "infer", "stitch", "residual", "segment", "publish", "picture",
+)  # fmt: skip
 QUEUES: Final = ("ingest", "inference", "publish")
 EVENT_TOPICS: Final = ("defect", "status")
 DROP_REASONS: Final = ("overload", "shutdown", "engine", "short")
 # Why a CurveZMQ handshake was refused (security.py): key not authorised, wrong protocol or
 # server key, anything else.
 AUTH_FAILURE_REASONS: Final = ("key", "protocol", "other")
+# What became of a defect's picture (pictures.py): stored; skipped (the drawing queue was full);
+# missing (its camera lines were no longer held); error (drawing or storing failed).
+PICTURE_RESULTS: Final = ("stored", "skipped", "missing", "error")
+# Requests to the live page refused for their token (live.py): none given, or a wrong one.
+HTTP_AUTH_REASONS: Final = ("missing", "wrong")
 
 # Tiles per batch: powers of two up to well past the default max_batch of 64.
 _BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -141,6 +155,45 @@ class Metrics:
         self.defects_total = Counter(
             "linescan_defects_total", "Defects found, by camera.", ["camera"], registry=registry
         )
+        self.lines_per_metre = Gauge(
+            "linescan_lines_per_metre",
+            "Web lines per metre of web (inspection.lines_per_metre): turns line rates into "
+            "metres on a dashboard.",
+            registry=registry,
+        )
+        self.repeating_defects_total = Counter(
+            "linescan_repeating_defects_total",
+            "Defect events in a repeating series (same place across the web, constant period "
+            "down it: a damaged roller), from the series' third defect on, by camera.",
+            ["camera"],
+            registry=registry,
+        )
+        self.repeating_series = Gauge(
+            "linescan_repeating_series",
+            "Repeating defect series active now (their mark still recurs), by camera.",
+            ["camera"],
+            registry=registry,
+        )
+        self.pictures_total = Counter(
+            "linescan_pictures_total",
+            "Pictures of defects, by result: stored, skipped (drawing queue full), missing "
+            "(camera lines no longer held), error.",
+            ["result"],
+            registry=registry,
+        )
+        self.picture_bytes_total = Counter(
+            "linescan_picture_bytes_total",
+            'Bytes of defect pictures (PNG) stored: over pictures_total{result="stored"}, '
+            "the mean size, for sizing the disk.",
+            registry=registry,
+        )
+        self.http_auth_failures_total = Counter(
+            "linescan_http_auth_failures_total",
+            "Requests for the live page, its API or pictures refused for their token, by "
+            "reason: missing or wrong.",
+            ["reason"],
+            registry=registry,
+        )
         self.web_edge_px = Gauge(
             "linescan_web_edge_px",
             "Where the web's edge is (camera pixel column; left: its first column, right: one "
@@ -223,6 +276,10 @@ class Metrics:
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures_total.labels("frames", reason)
         self.disconnects_total.labels("frames")
+        for result in PICTURE_RESULTS:
+            self.pictures_total.labels(result)
+        for reason in HTTP_AUTH_REASONS:
+            self.http_auth_failures_total.labels(reason)
         for result in ("ok", "error"):
             self.replay_requests_total.labels(result)
         if process:
@@ -244,6 +301,20 @@ class Metrics:
         )
 
 
+@dataclass(frozen=True)
+class AppResponse:
+    """What an ``App`` answers: status, body, content type and any further headers."""
+
+    status: int
+    body: bytes
+    content_type: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+App = Callable[[str, Message], AppResponse | None]
+"""(request target with its query, request headers) -> the answer, or None: not found."""
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     # Don't linger on a restart: the old daemon's socket in TIME_WAIT must not block the port.
@@ -257,9 +328,15 @@ class MetricsServer:
     """
 
     def __init__(
-        self, registry: CollectorRegistry, host: str, port: int, ready: Callable[[], bool]
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        ready: Callable[[], bool],
+        app: App | None = None,
     ) -> None:
         self._registry = registry
+        self._app = app
         self._host = host
         self._requested_port = port
         self._ready = ready
@@ -277,7 +354,7 @@ class MetricsServer:
         """Bind and serve in a daemon thread. Raises OSError if the address is taken."""
         if self._server is not None:
             return
-        handler = _make_handler(self._registry, self._ready)
+        handler = _make_handler(self._registry, self._ready, self._app)
         server_class = type(
             "_BoundServer",
             (_Server,),
@@ -308,7 +385,7 @@ def _family(host: str) -> int:
 
 
 def _make_handler(
-    registry: CollectorRegistry, ready: Callable[[], bool]
+    registry: CollectorRegistry, ready: Callable[[], bool], app: App | None = None
 ) -> type[BaseHTTPRequestHandler]:
     log = get_logger("linescan.metrics")
 
@@ -340,12 +417,27 @@ def _make_handler(
                 body = b"ready\n" if is_ready else b"not ready\n"
                 self._send(200 if is_ready else 503, body, "text/plain; charset=utf-8", head)
             else:
-                self._send(404, b"not found\n", "text/plain; charset=utf-8", head)
+                answer = None if app is None else app(self.path, self.headers)
+                if answer is None:
+                    self._send(404, b"not found\n", "text/plain; charset=utf-8", head)
+                else:
+                    self._send(
+                        answer.status, answer.body, answer.content_type, head, answer.headers
+                    )
 
-        def _send(self, code: int, body: bytes, content_type: str, head: bool) -> None:
+        def _send(
+            self,
+            code: int,
+            body: bytes,
+            content_type: str,
+            head: bool,
+            headers: tuple[tuple[str, str], ...] = (),
+        ) -> None:
             self.send_response(code)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
+            for name, value in headers:
+                self.send_header(name, value)
             self.end_headers()
             if not head:
                 self.wfile.write(body)

@@ -29,6 +29,10 @@ With ``[journal]`` configured, every defect event is written to the durable jour
 (``journal.py``) just before it is sent, ``seq`` continues from the journal after a restart, and
 a fifth thread answers replay requests (``replay.py``). With CurveZMQ keys configured the frame
 socket admits authorised cameras only and counts refused handshakes (``security.py``).
+
+What the operator sees: a picture thread draws every defect's crop (``crops.py``,
+``pictures.py``) into a store beside the journal (or in memory); ``view`` (``live.py``) is
+the live page the metrics server serves, fed with every event as published and every status.
 """
 
 from __future__ import annotations
@@ -43,12 +47,21 @@ from prometheus_client import CollectorRegistry
 
 from linescan.backends import Backend
 from linescan.config import Config
+from linescan.crops import Cropper
 from linescan.errors import ConfigError, EngineError
 from linescan.ingest import FrameLimits
-from linescan.journal import EventJournal
+from linescan.journal import EventJournal, JournalRow
+from linescan.live import LiveView, is_loopback, read_token
 from linescan.log import get_logger
 from linescan.metrics import Metrics
 from linescan.model.bundle import BundleMeta
+from linescan.pictures import (
+    MemoryPictures,
+    PictureStore,
+    PictureWriter,
+    SqlitePictures,
+    pictures_path,
+)
 from linescan.publish import EventPublisher
 from linescan.replay import ReplayServer
 from linescan.security import AuthMonitor, CurveSetup, curve_from_config
@@ -111,6 +124,7 @@ class Daemon:
             precision=backend.precision,
             backend=backend.name,
         )
+        self.metrics.lines_per_metre.set(config.inspection.lines_per_metre)
         self.ctx = context or zmq.Context.instance()
         self.limits = FrameLimits.from_config(config.frames)
         self.queues = Queues.bounded(config.queues)
@@ -133,6 +147,21 @@ class Daemon:
         self.replay_endpoint: str | None = None
         self._curve = CurveSetup()
         self._auth_monitor: AuthMonitor | None = None
+        # What the operator sees (live.py, pictures.py): the page exists from here on, so a
+        # metrics server made before start() can serve it; its journal and pictures come with
+        # start().
+        mc = config.metrics
+        self.view = LiveView(
+            model=meta.model_id,
+            lines_per_metre=config.inspection.lines_per_metre,
+            pixels_per_metre=config.inspection.pixels_per_metre,
+            ready=lambda: self.ready,
+            metrics=self.metrics,
+            keep=config.pictures.keep,
+            token=None if mc.token_file is None else read_token(mc.token_file),
+        )
+        self.picture_store: PictureStore | None = None
+        self.picture_writer: PictureWriter | None = None
 
     # ------------------------------------------------------------------ the queues and counts
 
@@ -162,13 +191,22 @@ class Daemon:
         """Bind sockets, warm the engine up, start the threads; returns when ready."""
         try:
             self._open_journal_and_security()
+            self._open_pictures()
+            recorder = None if self.journal is None else self.journal.recorder(self._journaled)
+            view = self.view
+
+            def journal_and_view(rows: list[JournalRow]) -> None:
+                if recorder is not None:
+                    recorder(rows)
+                view.record(rows)
+
             self.publisher = EventPublisher(
                 self.config.events.endpoint,
                 self.config.events.sndhwm,
                 self.metrics,
                 context=self.ctx,
                 next_seq=0 if self.journal is None else self.journal.next_seq(),
-                journal=None if self.journal is None else self.journal.recorder(self._journaled),
+                journal=journal_and_view,
                 configure=self._curve.events,
             )
             self.events_endpoint = self.publisher.endpoint
@@ -197,6 +235,13 @@ class Daemon:
             self._threads.append(t)
         self._ready.set()
         self.metrics.ready.set(1)
+        mc = self.config.metrics
+        if mc.enabled and mc.page and self.view.token is None and not is_loopback(mc.host):
+            log.warning(
+                "the live page shows pictures of the product to anyone who reaches "
+                f"{mc.listen}: set metrics.token_file, or listen on 127.0.0.1",
+                listen=mc.listen,
+            )
         log.info(
             "ready",
             frames=self.frames_endpoint,
@@ -215,7 +260,8 @@ class Daemon:
         q, acc, flow = self.queues, self.accounting, self._flow
         cfg, meta, metrics = self.config, self.meta, self.metrics
         receiver = Receiver(sock, cfg, meta, self.limits, metrics, acc, flow, q.frames)
-        tiler = Tiler(meta, self.grid, metrics, acc, flow, q.frames, q.jobs)
+        pictures_on = cfg.pictures.enabled
+        tiler = Tiler(meta, self.grid, metrics, acc, flow, q.frames, q.jobs, keep_raw=pictures_on)
         inference = Inference(
             self.backend,
             meta.channels,
@@ -237,7 +283,10 @@ class Daemon:
             q,
             self._auth_monitor,
             self._on_event,
+            pictures=self.picture_writer,
+            view=self.view,
         )
+        cropper = Cropper(cfg.pictures, meta.input, self.threshold) if pictures_on else None
         post = Post(
             cfg,
             meta,
@@ -248,6 +297,7 @@ class Daemon:
             q.results,
             events,
             heartbeat=lambda: self._beat("post"),
+            cropper=cropper,
         )
         return [
             ("receiver", receiver.run),
@@ -286,6 +336,7 @@ class Daemon:
             and all(t.is_alive() for t in self._threads)
             and all(now - beat < STALL_S for beat in self._beats.values())
             and (self.replay is None or self.replay.alive())
+            and (self.picture_writer is None or self.picture_writer.alive())
         )
 
     def _beat(self, name: str) -> None:
@@ -302,13 +353,37 @@ class Daemon:
                 synchronous=jc.synchronous,
             )
 
+    def _open_pictures(self) -> None:
+        """The picture store (beside the journal, or in memory) and the thread that draws."""
+        pc, journal = self.config.pictures, self.journal
+        store: PictureStore
+        if journal is not None:
+            store = SqlitePictures(
+                pictures_path(journal.path),
+                next_seq=journal.next_seq(),
+                max_age_s=self.config.journal.max_age_s,
+            )
+        else:
+            store = MemoryPictures(pc.keep)
+        self.picture_store = store
+        oldest = None if journal is None else (lambda: journal.bounds()[0])
+        self.picture_writer = PictureWriter(store, pc.size_px, pc.queue, self.metrics, oldest)
+        self.picture_writer.start()
+        self.view.journal = journal
+        self.view.pictures = self.picture_writer
+
     def _journaled(self, ok: bool) -> None:
         (self.metrics.events_journaled_total if ok else self.metrics.journal_errors_total).inc()
 
     def _close_extras(self) -> None:
-        """Close the replay endpoint, the journal and the ZAP handler; idempotent."""
+        """Close the replay endpoint, the pictures, the journal and the ZAP handler;
+        idempotent."""
         if self.replay is not None:
             self.replay.stop()
+        if self.picture_writer is not None:
+            self.picture_writer.stop()  # draws what is queued first
+        if self.picture_store is not None:
+            self.picture_store.close()
         if self.journal is not None:
             self.journal.close()
         if self._auth_monitor is not None:

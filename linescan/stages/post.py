@@ -17,7 +17,11 @@ kernel in ``backends/ssim_residual.cu``), in this thread; the score (``score.py`
 arithmetic on either.
 
 The web's edges each tracker follows (``web.py``) go into every status message (``web``) and
-the ``linescan_web_edge_px`` gauge.
+the ``linescan_web_edge_px`` gauge; where each camera's segment is, into ``cameras``.
+
+With ``[pictures]`` on, a ``Cropper`` (``crops.py``) keeps each camera's recent lines (from
+the jobs) and score rows (recorded by the tracker's scoring), and cuts a crop around every
+region found once the rows around it are there, for its picture.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from linescan.config import Config
+from linescan.crops import Cropper
 from linescan.errors import EngineError
 from linescan.lines import FrameInfo
 from linescan.log import get_logger
@@ -64,6 +69,7 @@ class Post:
         results: ResultQueue,
         events: EventSender,
         heartbeat: Callable[[], None],
+        cropper: Cropper | None = None,
     ) -> None:
         self.config = config
         self.meta = meta
@@ -93,6 +99,8 @@ class Post:
             self.opening = meta.opening
         self._described: set[tuple[str, int]] = set()
         self.web: dict[str, dict[str, int | None]] = {}  # camera -> its web edges, camera px
+        self.cameras: dict[str, dict[str, int]] = {}  # camera -> where its segment is
+        self.cropper = cropper  # pictures of defects: recent lines and scores per camera
 
     def run(self) -> None:
         interval = self.config.events.status_interval_s
@@ -104,12 +112,14 @@ class Post:
                 item = None
             self.heartbeat()
             if item is STOP:
-                self.events.status(final=True, web=self.web)
+                for cam in [] if self.cropper is None else self.cropper.cameras():
+                    self._pictures(cam, ended=True)  # every crop still owed
+                self.events.status(final=True, web=self.web, cameras=self.cameras)
                 return
             if item is not None:
                 self._post_one(item)
             if time.monotonic() >= next_status:
-                self.events.status(final=False, web=self.web)
+                self.events.status(final=False, web=self.web, cameras=self.cameras)
                 next_status = time.monotonic() + interval
 
     def _post_one(self, res: InferResult) -> None:
@@ -117,6 +127,10 @@ class Post:
         trackers, broken = self._trackers, self._broken
         tr = trackers.get(cam)
         if tr is None or tr.segment != job.segment:
+            scoring = self.scoring
+            if self.cropper is not None:
+                self._pictures(cam, ended=True)  # the crops the old segment still owes
+                scoring = self.cropper.scoring(cam, job.segment, job.line0, scoring)
             tr = Tracker(
                 job.segment,
                 self.meta.input,
@@ -130,7 +144,7 @@ class Post:
                 self.meta.vae_sigma,
                 line0=job.line0,
                 residual_fn=self._residual_fn(),
-                scoring=self.scoring,
+                scoring=scoring,
                 opening=self.opening,
             )
             trackers[cam] = tr
@@ -153,13 +167,22 @@ class Post:
             for fi in [*self._uncounted.pop(cam, []), *frames]:
                 self._count_frame(fi, inspected=False, why=why)
             if job.end:
+                self._pictures(cam, ended=True)
                 trackers.pop(cam, None)
                 del broken[job.segment]  # its last job: nothing more will come for it
             return
+        if self.cropper is not None:
+            self.cropper.add_lines(cam, job.raw)
         t0 = time.perf_counter()
         regions = tr.consume(job, res.recon)
         self.metrics.stage_seconds.labels("stitch").observe(time.perf_counter() - t0)
         self._note_edges(cam, tr)
+        self.cameras[cam] = {
+            "segment": tr.segment,
+            "line_start": tr.line0,
+            "line": tr.line0 + tr.raw_lines,
+            "width_px": tr.raw_width,
+        }
         self._frames_seen.setdefault(cam, deque(maxlen=4096)).extend(frames)
         self._observe_final(cam, tr, frames)
         # A frame counts as inspected once its segment has held a whole tile row (before that
@@ -177,9 +200,20 @@ class Post:
             waiting.clear()
         found = [r for r in regions if r.area_px >= self.config.inspection.min_area_px]
         if found:
-            self.events.defects(cam, job.segment, found, self._frame_of_line)
+            pictures = self.cropper is not None
+            seqs = self.events.defects(cam, job.segment, found, self._frame_of_line, pictures)
+            if self.cropper is not None:
+                for seq, region in zip(seqs, found, strict=True):
+                    self.cropper.want(cam, seq, region)
+        self._pictures(cam, ended=tr.ended)
         if job.end:
             trackers.pop(cam, None)
+
+    def _pictures(self, cam: str, ended: bool) -> None:
+        """The crops of ``cam`` whose rows are there (all of them once its segment ended)."""
+        if self.cropper is not None:
+            for seq, crop in self.cropper.due(cam, ended):
+                self.events.picture(seq, crop)
 
     def _note_edges(self, cam: str, tr: Tracker) -> None:
         """The web's edges for the status message and the metric (camera pixels)."""

@@ -32,6 +32,7 @@ class Tiler:
         flow: Flow,
         frames: FrameQueue,
         jobs: JobQueue,
+        keep_raw: bool = False,
     ) -> None:
         self.meta = meta
         self.grid = grid
@@ -40,6 +41,7 @@ class Tiler:
         self.flow = flow
         self.frames = frames
         self.jobs = jobs
+        self.keep_raw = keep_raw  # hand the camera lines on, for pictures of defects
         self._segment_counter = 0  # segment ids, unique across cameras
 
     def run(self) -> None:
@@ -74,7 +76,14 @@ class Tiler:
                 self._segment_counter += 1
                 self.metrics.segments_total.inc()
                 self.accounting.count_segment()
-                band = Band(self._segment_counter, self.meta.input, self.grid, f.width, item.line)
+                band = Band(
+                    self._segment_counter,
+                    self.meta.input,
+                    self.grid,
+                    f.width,
+                    item.line,
+                    keep_raw=self.keep_raw,
+                )
                 bands[cam] = band
             info = FrameInfo(cam, f.seq, item.line, f.height, f.t_capture_ns, f.t_receive_ns)
             jobs = band.push(f.pixels, info)
