@@ -45,6 +45,7 @@ class EventSender:
         queues: Queues,
         auth_monitor: AuthMonitor | None,
         on_event: OnEvent | None,
+        inspection: dict[str, object] | None = None,
     ) -> None:
         self.publisher = publisher
         self.config = config
@@ -55,6 +56,7 @@ class EventSender:
         self.queues = queues
         self.auth_monitor = auth_monitor
         self.on_event = on_event
+        self.inspection = dict(inspection or {})  # the stride in use, and why
 
     def defects(
         self, camera: str, segment: int, regions: list[Region], frame_of_line: FrameOfLine
@@ -119,6 +121,7 @@ class EventSender:
             "breaks": t.breaks,
             "queues": queues,
             "web": dict(web or {}),
+            "inspection": self.inspection,
         }
         self.publisher.publish("status", payload)
         if self.on_event is not None:
