@@ -19,6 +19,12 @@ and runs, against that one process (restarted as needed):
               journal (``replay.follow``) ends up with every event exactly once, identical to
               the journal.
 
+``many daemons`` (``--daemons N``, default 3; 0 skips it) N daemons side by side, each as an
+              instance of ``deploy/linescan@.service`` runs (own config, ports,
+              ``$STATE_DIRECTORY`` and journal), a camera with defects on each, one subscriber
+              following all of them (``replay.follow_many``) while each daemon in turn is
+              SIGKILLed and restarted: it must end with every daemon's journal, exactly.
+
 It prints one table row per scenario and exits 1 if any invariant failed::
 
     nice -n 5 .venv/bin/python tools/soak.py --duration 60     # about 5 minutes
