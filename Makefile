@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch first: a bare `torch` would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	# openvino too: its INT8 path is tested for real (about 60 MB of CPU-only wheels)
+	$(BIN)/pip install --quiet -e '.[dev,openvino]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import sys
 import threading
 import time
@@ -21,6 +22,7 @@ from linescan.errors import LinescanError
 
 if TYPE_CHECKING:
     from linescan.config import Config
+    from linescan.replay import EventSource
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -320,8 +322,6 @@ def _serve_config(a: argparse.Namespace) -> Config:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    import signal
-
     from linescan.log import configure_logging, get_logger
 
     config = _serve_config(a)
@@ -378,7 +378,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
             log.info("live page", url=page_url(config.metrics.host, server.port))
     daemon.start()
     sdnotify.ready()
-    sdnotify.status(f"inspecting frames from {daemon.frames_endpoint}")
+    choice = daemon.stride_choice
+    sdnotify.status(
+        f"inspecting frames from {daemon.frames_endpoint} at stride {daemon.grid.stride}"
+        + ("" if choice is None else f" (auto: {choice.describe()})")
+    )
     interval = sdnotify.watchdog_interval_s() or 1.0
     while not stop.wait(min(interval, 1.0)):
         if not daemon.alive():
@@ -502,6 +506,9 @@ def cmd_synth(a: argparse.Namespace) -> int:
 def cmd_events(a: argparse.Namespace) -> int:
     from linescan.listen import listen
 
+    endpoints = a.endpoint or [DEFAULT_EVENTS]
+    if len(endpoints) > 1 or any(_named(e)[0] is not None for e in endpoints):
+        return _events_many(a, endpoints)
     if a.since is not None or a.journal is not None or a.server_key is not None:
         return _events_replay(a)
     record = a.record.open("a", encoding="utf-8") if a.record else None
@@ -510,12 +517,171 @@ def cmd_events(a: argparse.Namespace) -> int:
     on_event = _event_printer(a.quiet, record)
 
     try:
-        tracker = listen(a.endpoint, on_event, topics, timeout_s=a.timeout)
+        tracker = listen(endpoints[0], on_event, topics, timeout_s=a.timeout)
     finally:
         if record is not None:
             record.close()
     print(f"lost defect events: {tracker.lost_defects} {tracker.gaps}", file=sys.stderr)
     return 1 if tracker.lost_defects else 0
+
+
+DEFAULT_EVENTS = "tcp://127.0.0.1:5556"
+DEFAULT_REPLAY = "tcp://127.0.0.1:5557"
+
+
+def _named(text: str) -> tuple[str | None, str]:
+    """``NAME=VALUE`` -> (NAME, VALUE); a plain ``VALUE`` -> (None, VALUE). A ZeroMQ endpoint
+    never holds ``=`` before its ``://``, so the two cannot be confused."""
+    name, sep, value = text.partition("=")
+    if sep and "://" not in name and name:
+        return name, value
+    return None, text
+
+
+def event_sources(
+    endpoints: Sequence[str],
+    replays: Sequence[str] | None,
+    server_keys: Sequence[Path] | None = None,
+) -> list[EventSource]:
+    """The daemons ``linescan events`` follows, from its repeated ``--endpoint [NAME=]EP``,
+    ``--replay [NAME=]EP`` and ``--server-key FILE`` (raises ConfigError).
+
+    A source is named by its ``NAME=`` or else by its endpoint. Replay endpoints go with
+    sources by name, or else in the order given (one per endpoint); none at all means live
+    only. One server key serves every source, or one is given per source, in order.
+    """
+    from linescan.errors import ConfigError
+    from linescan.replay import EventSource
+    from linescan.security import client_setup, load_public_key
+
+    named = [_named(e) for e in endpoints]
+    names = [n if n is not None else ep for n, ep in named]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"--endpoint: the source name(s) {dupes} are given twice")
+    by_name: dict[str, str] = {}
+    in_order: list[str] = []
+    for r in replays or ():
+        n, ep = _named(r)
+        if n is None:
+            in_order.append(ep)
+        elif n not in names:
+            raise ConfigError(f"--replay {r}: no --endpoint is named {n!r} (names: {names})")
+        else:
+            by_name[n] = ep
+    unnamed = [n for n in names if n not in by_name]
+    if in_order and len(in_order) != len(unnamed):
+        raise ConfigError(
+            f"{len(in_order)} unnamed --replay endpoint(s) for {len(unnamed)} source(s) without "
+            "a named one: give one per --endpoint, in the same order, or name them "
+            "(--endpoint cam1=tcp://... --replay cam1=tcp://...)"
+        )
+    by_name.update(zip(unnamed, in_order, strict=False))
+    keys = list(server_keys or ())
+    if len(keys) not in (0, 1, len(names)):
+        raise ConfigError(
+            f"{len(keys)} --server-key files for {len(names)} sources: give one for all, or "
+            "one per --endpoint in the same order"
+        )
+    sources = []
+    for i, (name, (_, ep)) in enumerate(zip(names, named, strict=True)):
+        key = keys[0] if len(keys) == 1 else keys[i] if keys else None
+        configure = None if key is None else client_setup(load_public_key(key, "--server-key"))
+        sources.append(EventSource(name, ep, by_name.get(name), configure))
+    return sources
+
+
+def _events_many(a: argparse.Namespace, endpoints: list[str]) -> int:
+    """``events --endpoint A --endpoint B ...``: several daemons at once, each event tagged
+    with its source; with ``--since``, each source replays and fills its gaps from its own
+    journal."""
+    from linescan.errors import ConfigError
+    from linescan.replay import follow_many
+
+    if a.journal is not None:
+        raise ConfigError("--journal reads one daemon's file; it does not go with --endpoint")
+    sources = event_sources(endpoints, a.replay, a.server_key)
+    since: dict[str, int | None] = {}
+    for s in sources:
+        want = _since_for(a.since, s.name)
+        if want is not None and s.replay is None:
+            raise ConfigError(
+                f"--since for {s.name}: replaying needs its replay endpoint (--replay "
+                f"{s.name}=tcp://HOST:PORT, the daemon's journal.replay_endpoint)"
+            )
+        since[s.name] = want
+    record = a.record.open("a", encoding="utf-8") if a.record else None
+    topics = tuple(a.topic) if a.topic else ("defect", "status")
+    printer = _event_printer(a.quiet, record)
+
+    def on_event(source: str, topic: str, body: dict[str, object]) -> bool:
+        return printer(topic, {"source": source, **body})
+
+    # Ctrl-C or SIGTERM ends the subscription, and the loss summary below is still printed.
+    stop = threading.Event()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    in_main = threading.current_thread() is threading.main_thread()
+    try:
+        if in_main:
+            for sig in previous:
+                signal.signal(sig, lambda _n, _f: stop.set())
+        if a.replay_only:
+            for s in sources:
+                events = _replay_source(s, since[s.name] or 0)
+                for body in events:
+                    on_event(s.name, "defect", body)
+                print(f"{s.name}: replayed {len(events)} defect event(s)", file=sys.stderr)
+            return 0
+        stats = follow_many(
+            sources, on_event, since, topics=topics, timeout_s=a.timeout, should_stop=stop.is_set
+        )
+    finally:
+        if in_main:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if record is not None:
+            record.close()
+    for name, st in stats.items():
+        print(
+            f"{name}: defect events: {st.replayed} replayed, {st.live} live; lost: "
+            f"{st.lost_events} {st.lost}",
+            file=sys.stderr,
+        )
+    return 1 if any(st.lost_events for st in stats.values()) else 0
+
+
+def _replay_source(source: EventSource, since: int) -> list[dict[str, Any]]:
+    from linescan.errors import ConfigError
+    from linescan.replay import fetch_all
+
+    if source.replay is None:
+        raise ConfigError(f"--replay-only: {source.name} has no --replay endpoint")
+    return fetch_all(source.replay, since, configure=source.configure)
+
+
+def _since_for(values: Sequence[str] | None, name: str) -> int | None:
+    """The ``--since`` that applies to source ``name``: its own ``NAME=SEQ``, else a plain
+    ``SEQ``, else None (live only)."""
+    plain: int | None = None
+    for v in values or ():
+        n, seq = _named(v)
+        if n == name:
+            return _seq(seq)
+        if n is None:
+            plain = _seq(seq)
+    return plain
+
+
+def _seq(text: str) -> int:
+    from linescan.errors import ConfigError
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"--since wants SEQ or NAME=SEQ with SEQ >= 0, got {text!r}") from None
+    if value < 0:
+        raise ConfigError(f"--since wants SEQ >= 0, got {value}")
+    return value
 
 
 def _event_printer(quiet: bool, record: TextIO | None) -> Callable[[str, dict[str, object]], bool]:
@@ -535,6 +701,7 @@ def _event_printer(quiet: bool, record: TextIO | None) -> Callable[[str, dict[st
 
 def _events_replay(a: argparse.Namespace) -> int:
     """``events --since N`` / ``--journal FILE``: journaled events first, then live, no gaps."""
+    from linescan.errors import ConfigError
     from linescan.journal import read_journal
     from linescan.replay import fetch_all, follow
     from linescan.security import client_setup, load_public_key
@@ -542,28 +709,37 @@ def _events_replay(a: argparse.Namespace) -> int:
     record = a.record.open("a", encoding="utf-8") if a.record else None
     topics = tuple(a.topic) if a.topic else ("defect", "status")
     configure = None
-    if a.server_key is not None:
-        configure = client_setup(load_public_key(a.server_key, "--server-key"))
+    if a.server_key:
+        if len(a.server_key) > 1:
+            raise ConfigError("one daemon, one --server-key")
+        configure = client_setup(load_public_key(a.server_key[0], "--server-key"))
+    if a.replay and len(a.replay) > 1:
+        raise ConfigError("one daemon, one --replay endpoint")
+    replay_endpoint = a.replay[0] if a.replay else DEFAULT_REPLAY
+    endpoint = a.endpoint[0] if a.endpoint else DEFAULT_EVENTS
+    given = [_seq(v) for v in a.since or ()]
+    if len(given) > 1:
+        raise ConfigError("one daemon, one --since")
 
     on_event = _event_printer(a.quiet, record)
 
     try:
-        since = a.since if a.since is not None else 0
+        since = given[0] if given else 0
         if a.journal is not None or a.replay_only:
             events = (
                 read_journal(a.journal, since)
                 if a.journal is not None
-                else fetch_all(a.replay, since, configure=configure)
+                else fetch_all(replay_endpoint, since, configure=configure)
             )
             for body in events:
                 on_event("defect", body)
             print(f"replayed {len(events)} defect event(s) from seq {since}", file=sys.stderr)
             return 0
         stats = follow(
-            a.endpoint,
-            a.replay,
+            endpoint,
+            replay_endpoint,
             on_event,
-            a.since,
+            given[0] if given else None,
             topics=topics,
             timeout_s=a.timeout,
             configure=configure,
@@ -889,21 +1065,42 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--seed", type=int, default=0)
     sy.set_defaults(func=cmd_synth)
 
-    ev = sub.add_parser("events", help="subscribe to a daemon's events; print or record them")
-    ev.add_argument("--endpoint", default="tcp://127.0.0.1:5556")
+    ev = sub.add_parser(
+        "events",
+        help="subscribe to one or several daemons' events; print or record them",
+        description="Print or record defect and status events as JSON lines. Several daemons "
+        "at once: repeat --endpoint (and --replay, in the same order or by NAME=); every line "
+        "then carries the event's source, and each source replays and fills gaps from its own "
+        "journal.",
+    )
+    ev.add_argument(
+        "--endpoint",
+        action="append",
+        default=None,
+        metavar="[NAME=]EP",
+        help=f"a daemon's event endpoint (default {DEFAULT_EVENTS}); repeat for several "
+        "daemons; NAME tags its events (default: the endpoint)",
+    )
     ev.add_argument("--topic", action="append", choices=["defect", "status"], default=None)
     ev.add_argument("--record", type=Path, default=None, help="append events as JSON lines")
     ev.add_argument("--timeout", type=float, default=None, help="stop after S idle seconds")
     ev.add_argument("--quiet", action="store_true")
     ev.add_argument(
         "--since",
-        type=int,
+        action="append",
         default=None,
-        metavar="SEQ",
+        metavar="[NAME=]SEQ",
         help="first replay defect events from SEQ on out of the daemon's journal, then follow "
-        "live events, filling any gap from the journal",
+        "live events, filling any gap from the journal; NAME=SEQ for one source of several",
     )
-    ev.add_argument("--replay", default="tcp://127.0.0.1:5557", help="the daemon's replay endpoint")
+    ev.add_argument(
+        "--replay",
+        action="append",
+        default=None,
+        metavar="[NAME=]EP",
+        help=f"the daemon's replay endpoint (default {DEFAULT_REPLAY} for one daemon); with "
+        "several --endpoint, one per endpoint in the same order, or NAME=EP",
+    )
     ev.add_argument(
         "--journal",
         type=Path,
@@ -914,8 +1111,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--server-key",
         type=Path,
+        action="append",
         default=None,
-        help="CurveZMQ public key file of the daemon's event socket",
+        help="CurveZMQ public key file of the daemon's event socket (one for all sources, or "
+        "one per --endpoint in the same order)",
     )
     ev.set_defaults(func=cmd_events)
 

@@ -26,6 +26,8 @@ def _positive(text: str) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    if a.openvino or a.int8:
+        return _export_openvino(a)
     from linescan.export import export_onnx, verify_onnx
     from linescan.model.bundle import ONNX_FP16_FILE, read_meta
 
@@ -41,6 +43,45 @@ def cmd_export(a: argparse.Namespace) -> int:
             f"onnxruntime {precision} export vs torch fp32 on batches of 1 and 5: "
             f"max |diff| = {diff:.2e}"
         )
+    return 0
+
+
+def _export_openvino(a: argparse.Namespace) -> int:
+    """``export --openvino [--int8]``: OpenVINO IR into the bundle; INT8 quantized and
+    checked against FP32 (refused beyond the bound: exit 1)."""
+    import sys
+
+    from linescan.openvino_export import Bound, export_openvino, format_report
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    report = export_openvino(
+        a.model,
+        int8=a.int8,
+        data=a.data,
+        defects=a.defects,
+        tiles=a.calibration_tiles,
+        bound=Bound(auroc=a.max_auroc_loss, recall=a.max_recall_loss),
+        threads=a.threads,
+        batch=a.batch,
+        progress=say,
+    )
+    rec = report.record
+    print(f"wrote {a.model}/{rec['fp32']['xml']} (OpenVINO {rec['openvino']}, FP32 weights)")
+    if a.int8:
+        print(format_report(report))
+        if "int8" in rec:
+            cal = rec["int8"]["calibration"]
+            print(
+                f"wrote {a.model}/{rec['int8']['xml']} (NNCF INT8, calibrated on {cal['tiles']} "
+                f"tiles of {len(cal['images'])} image(s), sha256 {cal['sha256'][:16]})"
+            )
+        for name in report.refused:
+            print(f"refused {name}: {report.verdicts[name]}")
+        if "int8" in report.refused:
+            print("INT8 not written: the quantized engine loses more than the bound allows")
+            return 1
     return 0
 
 
@@ -65,10 +106,40 @@ def cmd_build_engine(a: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """Add ``export`` and ``build-engine`` to the ``linescan`` sub-command parsers."""
-    e = sub.add_parser("export", help="export a bundle's network to ONNX (dynamic batch axis)")
+    e = sub.add_parser(
+        "export", help="export a bundle's network to ONNX (dynamic batch axis) or OpenVINO"
+    )
     e.add_argument("--model", type=Path, required=True, help="model bundle directory")
     e.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     e.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-torch check")
+    ov = e.add_argument_group(
+        "OpenVINO (pip install 'linescan[openvino]')",
+        "--openvino writes OpenVINO IR into the bundle instead of ONNX; --int8 adds an NNCF "
+        "INT8 model, calibrated on tiles of defect-free images and checked against FP32 on "
+        "held-out ones with synthetic defects (refused beyond the bound: exit 1)",
+    )
+    ov.add_argument("--openvino", action="store_true", help="OpenVINO IR (FP32; bf16 at run time)")
+    ov.add_argument("--int8", action="store_true", help="also INT8 by NNCF (implies --openvino)")
+    ov.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="defect-free images (folder or MVTec layout; default: the bundle's training data)",
+    )
+    ov.add_argument(
+        "--defects", type=Path, default=None, help="labelled defects (MVTec layout) to check too"
+    )
+    ov.add_argument(
+        "--calibration-tiles", type=_positive, default=512, help="tiles NNCF calibrates on (512)"
+    )
+    ov.add_argument(
+        "--max-auroc-loss", type=float, default=0.005, help="refuse INT8 below FP32's AUROC - X"
+    )
+    ov.add_argument(
+        "--max-recall-loss", type=float, default=0.02, help="refuse INT8 below FP32's recall - X"
+    )
+    ov.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: all)")
+    ov.add_argument("--batch", type=_positive, default=64, help="tiles per call (default 64)")
     e.set_defaults(func=cmd_export)
 
     b = sub.add_parser(

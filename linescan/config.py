@@ -185,9 +185,19 @@ class MetricsConfig(_Section):
 class InspectionConfig(_Section):
     """``[inspection]``: tiling, batching and how results are reported."""
 
-    stride: Annotated[int, Field(ge=1, le=4096)] | None = None
+    stride: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] | None = None
     """Tile stride in model pixels; None: the bundle's (30, the paper's, for 128 patches). The
-    threshold was calibrated at the bundle's stride: change both together."""
+    threshold was calibrated at the bundle's stride: change both together. ``"auto"``: the
+    smallest stride this machine keeps up with at ``line_rate_hz`` (``linescan/stride.py``),
+    measured at start."""
+    line_rate_hz: Annotated[float, Field(gt=0, le=10_000_000, allow_inf_nan=False)] | None = None
+    """Camera lines per second into this daemon, all its cameras together (``stride = "auto"``
+    needs it)."""
+    line_width_px: Annotated[int, Field(ge=1, le=1 << 20)] | None = None
+    """Pixels per camera line (``stride = "auto"`` needs it: the cost of a line grows with it)."""
+    stride_headroom: Annotated[float, Field(ge=1, le=100, allow_inf_nan=False)] = 1.3
+    """``stride = "auto"`` picks a stride whose measured engine speed sustains this many times
+    ``line_rate_hz`` (the rest of the pipeline, other processes and a busy moment need room)."""
     max_batch: Annotated[int, Field(ge=1, le=4096)] = 64
     max_wait_ms: Annotated[float, Field(ge=0, le=10_000, allow_inf_nan=False)] = 20.0
     lines_per_metre: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1000.0
@@ -215,12 +225,24 @@ class InspectionConfig(_Section):
             )
         return value
 
+    @model_validator(mode="after")
+    def _auto_stride(self) -> InspectionConfig:
+        if self.stride == "auto" and (self.line_rate_hz is None or self.line_width_px is None):
+            raise ValueError(
+                'stride = "auto" needs line_rate_hz (camera lines per second) and '
+                "line_width_px (pixels per line) in [inspection]"
+            )
+        return self
+
 
 class EngineConfig(_Section):
     """``[engine]``: the inference backend."""
 
-    backend: Literal["torch", "onnxruntime", "tensorrt", "torch-cuda"] = "torch"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    backend: Literal["torch", "onnxruntime", "openvino", "tensorrt", "torch-cuda"] = "torch"
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
+    """``auto``: the backend's best (torch: bf16 on CPUs with native bf16; openvino: the
+    fastest precision whose accuracy check at export passed on this bundle). ``int8``: the
+    openvino backend's NNCF-quantized export (``linescan export --openvino --int8``)."""
     threads: Annotated[int, Field(ge=1, le=1024)] | None = None
     """Intra-op threads; None lets the backend choose (usually the number of cores)."""
     device: str = "cpu"
@@ -478,9 +500,16 @@ def _format_errors(exc: ValidationError, text: str | None, where: str) -> list[s
     Input values are never echoed (pydantic's ``input`` is dropped): a value may be a secret.
     """
     found: list[tuple[int, str]] = []
+    unions: set[tuple[str, ...]] = set()
     for error in exc.errors(include_input=False, include_url=False):
         # Our schema is two levels deep; deeper parts are pydantic's union tags.
         loc = tuple(str(part) for part in error["loc"][:2])
+        if len(error["loc"]) > 2:
+            # A value no member of a union accepts (stride = 0: neither 1..4096 nor "auto"):
+            # one message, the first member's, is enough.
+            if loc in unions:
+                continue
+            unions.add(loc)
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             if len(loc) == 2:

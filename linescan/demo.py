@@ -29,7 +29,7 @@ from linescan.metrics import MetricsServer
 from linescan.model.bundle import BundleMeta, load_bundle
 from linescan.service import Daemon
 from linescan.simulate import send_web, synthetic_source
-from linescan.tiling import TileGrid
+from linescan.stride import choose_stride, lines_per_s, measure_tiles_per_s
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "engines" / "default"
 
@@ -82,21 +82,17 @@ def measure_capacity(backend: Backend, meta: BundleMeta, config: Config, width: 
     The demo runs on whatever machine it is tried on, a quiet workstation or a busy CI box, so
     it measures instead of assuming, and paces its simulated camera below that.
     """
-    batch = config.inspection.max_batch
-    tiles = np.random.default_rng(0).random((batch, 1, meta.patch, meta.patch), np.float32)
-    for _ in range(2):  # warm-up: the first calls compile kernels
-        backend.infer(tiles)
-    times: list[float] = []
-    t_end = time.perf_counter() + 1.5
-    while time.perf_counter() < t_end and len(times) < 30:
-        t0 = time.perf_counter()
-        backend.infer(tiles)
-        times.append(time.perf_counter() - t0)
-    tiles_per_s = batch / float(np.median(times))
-    grid = TileGrid(meta.patch, config.inspection.stride or meta.stride)
-    per_row = len(grid.positions(meta.input.model_shape(1, width)[1]))
-    camera_lines_per_row = grid.stride * meta.input.downscale
-    return tiles_per_s / per_row * camera_lines_per_row
+    tiles_per_s = measure_tiles_per_s(backend, meta.patch, config.inspection.max_batch, 1.5)
+    setting = config.inspection.stride
+    if setting == "auto":  # the daemon picks for its line rate; the demo's own line follows
+        setting = choose_stride(
+            meta,
+            tiles_per_s,
+            config.inspection.line_rate_hz or 1.0,
+            width,
+            config.inspection.stride_headroom,
+        ).stride
+    return lines_per_s(tiles_per_s, meta, setting or meta.stride, width)
 
 
 def run_demo(

@@ -218,6 +218,22 @@ class Metrics:
             "Jumps in frame sequence numbers (frames lost upstream).",
             registry=registry,
         )
+        self.stride_px = Gauge(
+            "linescan_stride_px",
+            'Tile stride in use, in model pixels (inspection.stride; chosen at start when "auto").',
+            registry=registry,
+        )
+        self.engine_tiles_per_second = Gauge(
+            "linescan_engine_tiles_per_second",
+            'Tiles per second the engine ran at start, measured for stride = "auto" (0 without).',
+            registry=registry,
+        )
+        self.sustainable_lines_per_second = Gauge(
+            "linescan_sustainable_lines_per_second",
+            "Camera lines per second the chosen stride keeps up with (model time; measured for "
+            'stride = "auto", 0 without).',
+            registry=registry,
+        )
         self.model_info = Info(
             "linescan_model", "The model bundle and engine in use.", registry=registry
         )

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REPLAY_VERSION",
+    "EventSource",
     "FollowStats",
     "ReplayError",
     "ReplayPage",
@@ -54,6 +55,7 @@ __all__ = [
     "fetch",
     "fetch_all",
     "follow",
+    "follow_many",
 ]
 
 REPLAY_VERSION: Final = 1
@@ -279,12 +281,12 @@ REPLAY_RETRY_S = (0.2, 1.0, 3.0)  # pauses between replay attempts before a gap 
 class _Follower:
     def __init__(
         self,
-        replay: Callable[[int, int | None], list[dict[str, Any]]],
+        replay: Callable[[int, int | None], list[dict[str, Any]]] | None,
         on_event: Callable[[str, dict[str, Any]], bool | None],
         since: int | None,
         stats: FollowStats | None = None,
     ) -> None:
-        self.replay = replay
+        self.replay = replay  # None: live only (a gap is counted as lost, never filled)
         self.on_event = on_event
         self.stats = stats if stats is not None else FollowStats()
         self.stats.next_seq = since
@@ -292,7 +294,7 @@ class _Follower:
     def fill(self, until: int | None) -> bool:
         """Deliver journaled events from next_seq up to ``until``; True to stop."""
         start = self.stats.next_seq
-        if start is None or (until is not None and start >= until):
+        if self.replay is None or start is None or (until is not None and start >= until):
             return False
         events: list[dict[str, Any]] | None = None
         for pause in (*REPLAY_RETRY_S, None):
@@ -350,6 +352,18 @@ class _Follower:
         return bool(self.on_event(topic, body))
 
 
+@dataclass(frozen=True)
+class EventSource:
+    """One daemon to follow: a name to tag its events with, its event (PUB) endpoint, its
+    replay (REP) endpoint (None: live only, gaps are counted but cannot be filled) and the
+    socket setup (CurveZMQ) for both."""
+
+    name: str
+    events: str
+    replay: str | None = None
+    configure: SocketSetup | None = None
+
+
 def follow(
     events_endpoint: str,
     replay_endpoint: str,
@@ -372,44 +386,103 @@ def follow(
     are always subscribed to: finding gaps needs them). Returns what was delivered, and any
     ``seq`` ranges the journal no longer had; pass ``stats`` to watch them while it runs.
     """
+    source = EventSource("daemon", events_endpoint, replay_endpoint, configure)
+    out = follow_many(
+        [source],
+        lambda _source, topic, body: on_event(topic, body),
+        since,
+        topics=topics,
+        timeout_s=timeout_s,
+        context=context,
+        should_stop=should_stop,
+        replay_timeout_s=replay_timeout_s,
+        stats=None if stats is None else {source.name: stats},
+    )
+    return out[source.name]
+
+
+def follow_many(
+    sources: Sequence[EventSource],
+    on_event: Callable[[str, str, dict[str, Any]], bool | None],
+    since: int | Mapping[str, int | None] | None = 0,
+    *,
+    topics: tuple[str, ...] = ("defect", "status"),
+    timeout_s: float | None = None,
+    context: Context | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    replay_timeout_s: float = 2.0,
+    stats: Mapping[str, FollowStats] | None = None,
+) -> dict[str, FollowStats]:
+    """:func:`follow` for several daemons at once, from one thread.
+
+    Each source's defect ``seq`` is its own daemon's: gaps are found and filled from that
+    daemon's journal, source by source, and ``on_event(source_name, topic, body)`` sees every
+    source's events in its ``seq`` order (sources interleave as their events arrive).
+    ``since`` is one ``seq`` for all sources or a ``{name: seq}`` mapping (a missing name:
+    None). Returns each source's :class:`FollowStats` by name. Source names must be unique.
+    """
+    names = [s.name for s in sources]
+    if not sources or len(set(names)) != len(names):
+        raise ValueError(f"follow_many needs sources with unique names, got {names}")
     ctx = context or zmq.Context.instance()
+    stopped = False
 
-    def deliver(topic: str, body: dict[str, Any]) -> bool | None:
-        return on_event(topic, body) if topic in topics else None
+    def follower(src: EventSource) -> _Follower:
+        def deliver(topic: str, body: dict[str, Any]) -> bool | None:
+            return on_event(src.name, topic, body) if topic in topics else None
 
-    def replay(start: int, until: int | None) -> list[dict[str, Any]]:
-        return fetch_all(
-            replay_endpoint,
-            start,
-            until,
-            timeout_s=replay_timeout_s,
-            context=ctx,
-            configure=configure,
-        )
+        def replay(start: int, until: int | None) -> list[dict[str, Any]]:
+            if src.replay is None:  # pragma: no cover - not passed to the follower then
+                raise ReplayError(f"{src.name}: no replay endpoint")
+            return fetch_all(
+                src.replay,
+                start,
+                until,
+                timeout_s=replay_timeout_s,
+                context=ctx,
+                configure=src.configure,
+            )
 
-    follower = _Follower(replay, deliver, since, stats)
-    sock = ctx.socket(zmq.SUB)
+        first = since.get(src.name) if isinstance(since, Mapping) else since
+        own = None if stats is None else stats.get(src.name)
+        return _Follower(None if src.replay is None else replay, deliver, first, own)
+
+    followers = {s.name: follower(s) for s in sources}
+    socks: dict[zmq.Socket[bytes], str] = {}
+    poller = zmq.Poller()
     try:
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
-        if configure is not None:
-            configure(sock)
-        for t in {"defect", *topics}:
-            sock.setsockopt(zmq.SUBSCRIBE, t.encode())
-        sock.connect(events_endpoint)
-        if since is not None and follower.fill(None):
-            return follower.stats
+        for src in sources:
+            sock = ctx.socket(zmq.SUB)
+            socks[sock] = src.name
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVHWM, 100_000)
+            if src.configure is not None:
+                src.configure(sock)
+            for t in {"defect", *topics}:
+                sock.setsockopt(zmq.SUBSCRIBE, t.encode())
+            sock.connect(src.events)
+            poller.register(sock, zmq.POLLIN)
+        for f in followers.values():
+            if f.stats.next_seq is not None and f.fill(None):
+                stopped = True
+                break
         last = time.monotonic()
-        while should_stop is None or not should_stop():
-            if not sock.poll(100):
+        while not stopped and (should_stop is None or not should_stop()):
+            ready = dict(poller.poll(100))
+            if not ready:
                 if timeout_s is not None and time.monotonic() - last > timeout_s:
                     break
                 continue
             last = time.monotonic()
-            topic_b, body_b = sock.recv_multipart()[:2]
-            body = json.loads(body_b)
-            if isinstance(body, dict) and follower.live(topic_b.decode("ascii", "replace"), body):
-                break
+            for sock in ready:
+                topic_b, body_b = sock.recv_multipart()[:2]
+                body = json.loads(body_b)
+                name = socks[sock]
+                topic = topic_b.decode("ascii", "replace")
+                if isinstance(body, dict) and followers[name].live(topic, body):
+                    stopped = True
+                    break
     finally:
-        sock.close(linger=0)
-    return follower.stats
+        for sock in socks:
+            sock.close(linger=0)
+    return {name: f.stats for name, f in followers.items()}

@@ -27,6 +27,7 @@ events (any client key). A context that already has a handler is an error.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import stat
@@ -67,6 +68,7 @@ __all__ = [
 ]
 
 log = get_logger("linescan.security")
+_MONITOR_IDS = itertools.count()
 
 FRAMES_DOMAIN: Final = "linescan-frames"
 EVENTS_DOMAIN: Final = "linescan-events"
@@ -394,7 +396,12 @@ class AuthMonitor:
             events.append(zmq.EVENT_DISCONNECTED)
         for ev in events:
             mask |= int(ev)
-        self._mon: Any = sock.get_monitor_socket(mask)
+        # A unique inproc address: pyzmq's default names it after the socket's file
+        # descriptor, which a socket opened after this one is closed may reuse before ZeroMQ has
+        # released the old monitor's endpoint ("Address already in use", or a monitor that
+        # never hears its socket's events).
+        addr = f"inproc://linescan.monitor.{os.getpid()}.{next(_MONITOR_IDS)}"
+        self._mon: Any = sock.get_monitor_socket(mask, addr)
         self._stop = threading.Event()
         self._throttled = RateLimitedLogger(log, interval_s=10.0)
         self._thread = threading.Thread(

@@ -73,6 +73,7 @@ from linescan.stages.post import Post
 from linescan.stages.receive import MAX_CAMERAS, REORDER_WINDOW, Receiver
 from linescan.stages.state import Accounting, Totals
 from linescan.stages.tile import Tiler
+from linescan.stride import StrideChoice, choose_stride, measure_tiles_per_s
 from linescan.tiling import TileGrid
 
 # MAX_CAMERAS, REORDER_WINDOW and Totals moved to linescan.stages; still importable from here.
@@ -107,13 +108,16 @@ class Daemon:
         self.meta = meta
         self.backend = backend
         self.threshold = float(threshold)
-        stride = config.inspection.stride or meta.stride
+        setting = config.inspection.stride
+        stride = meta.stride if setting is None or setting == "auto" else setting
         if stride > meta.patch:
             raise ConfigError(
                 f"inspection.stride = {stride} is larger than the model's {meta.patch}-px tiles: "
                 "parts of the web would never be inspected"
             )
+        # stride = "auto": the bundle's until start() has measured the engine (stride.py)
         self.grid = TileGrid(meta.patch, stride)
+        self.stride_choice: StrideChoice | None = None
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.metrics.set_model_info(
@@ -227,6 +231,9 @@ class Daemon:
             self._close_extras()
             raise
         self._warm_up()
+        if self.config.inspection.stride == "auto":
+            self._choose_stride()
+        self.metrics.stride_px.set(self.grid.stride)
         for name, target in self._stages(self._frames_sock, self.publisher):
             t = threading.Thread(target=self._guard(target), name=f"linescan-{name}", daemon=True)
             if name in ("inference", "post"):
@@ -285,6 +292,7 @@ class Daemon:
             self._on_event,
             pictures=self.picture_writer,
             view=self.view,
+            inspection=self.inspection_status(),
         )
         cropper = Cropper(cfg.pictures, meta.input, self.threshold) if pictures_on else None
         post = Post(
@@ -438,6 +446,41 @@ class Daemon:
             sock.close(linger=0)
             raise
         return sock
+
+    def _choose_stride(self) -> None:
+        """``inspection.stride = "auto"``: measure the engine, take the smallest stride that
+        keeps up with the line (``stride.py``); say so in the log and the metrics."""
+        ic = self.config.inspection
+        if ic.line_rate_hz is None or ic.line_width_px is None:  # pragma: no cover - config
+            raise ConfigError('stride = "auto" needs line_rate_hz and line_width_px')
+        tiles_per_s = measure_tiles_per_s(self.backend, self.meta.patch, ic.max_batch)
+        choice = choose_stride(
+            self.meta, tiles_per_s, ic.line_rate_hz, ic.line_width_px, ic.stride_headroom
+        )
+        self.stride_choice = choice
+        self.grid = TileGrid(self.meta.patch, choice.stride)
+        self.metrics.engine_tiles_per_second.set(tiles_per_s)
+        self.metrics.sustainable_lines_per_second.set(choice.sustainable_lines_per_s)
+        say = log.info if choice.keeps_up else log.error
+        say(
+            "stride chosen",
+            stride=choice.stride,
+            bundle_stride=choice.bundle_stride,
+            keeps_up=choice.keeps_up,
+            detail=choice.describe(),
+        )
+        if choice.stride != choice.bundle_stride:
+            log.warning(
+                "stride differs from the bundle's: its threshold was calibrated at stride "
+                f"{choice.bundle_stride}; stride {choice.stride} finds less (README: stride)",
+                stride=choice.stride,
+            )
+
+    def inspection_status(self) -> dict[str, object]:
+        """The stride in use and, with ``stride = "auto"``, why (for status messages)."""
+        if self.stride_choice is not None:
+            return self.stride_choice.as_dict()
+        return {"stride": self.grid.stride, "auto": False}
 
     def _warm_up(self) -> None:
         p = self.meta.patch

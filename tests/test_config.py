@@ -174,8 +174,11 @@ level = "DEBUG"
         ("[inspection]\nlines_per_metre = 0.0", "inspection.lines_per_metre"),
         ('[inspection]\ncamera = "two words"', "inspection.camera"),
         ("[inspection]\nmin_area_px = -1", "inspection.min_area_px"),
-        ('[engine]\nbackend = "openvino"', "engine.backend"),
-        ('[engine]\nprecision = "int8"', "engine.precision"),
+        ('[engine]\nbackend = "openvino-gpu"', "engine.backend"),
+        ('[engine]\nprecision = "int4"', "engine.precision"),
+        ('[inspection]\nstride = "automatic"', "inspection.stride"),
+        ('[inspection]\nstride = "auto"', "inspection"),
+        ("[inspection]\nstride_headroom = 0.5", "inspection.stride_headroom"),
         ("[engine]\nthreads = 0", "engine.threads"),
         ('[engine]\ndevice = "gpu"', "engine.device"),
         ("[queues]\ningest = 0", "queues.ingest"),
@@ -215,7 +218,7 @@ backend = "cuda"
         f"{path}:4: frames.bnd: unknown key (did you mean 'bind'?)",
         f"{path}:7: inspection.stride: Input should be greater than or equal to 1",
         f"{path}:10: engine.backend: "
-        "Input should be 'torch', 'onnxruntime', 'tensorrt' or 'torch-cuda'",
+        "Input should be 'torch', 'onnxruntime', 'openvino', 'tensorrt' or 'torch-cuda'",
     ]
 
 

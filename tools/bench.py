@@ -312,6 +312,11 @@ def bench_engines(bundle: Bundle, quick: bool, loaded: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"batch": BATCH, "patch": PATCH, "latent": LATENT}
     if engines_note:
         out["onnxruntime"] = engines_note
+    ov = _openvino_engines(bundle)
+    if isinstance(ov, str):
+        out["openvino"] = ov
+    else:
+        engines += ov
     with one_core_loaded(loaded):
         for name, eng in engines:
             t = timeit(lambda e=eng: e.infer(batch), min_time=0.6 if quick else 2.0)
@@ -330,6 +335,35 @@ def bench_engines(bundle: Bundle, quick: bool, loaded: bool) -> dict[str, Any]:
             log(f"  {name}: {BATCH / t.median:.0f} tiles/s")
             configure_threads(pipelined=False)
     return out
+
+
+def _openvino_engines(bundle: Bundle) -> list[tuple[str, Any]] | str:
+    """OpenVINO fp32, bf16 (native bf16 only) and INT8 (NNCF on 512 tiles of a woven web),
+    or why not."""
+    try:
+        from linescan.backends.openvino_cpu import convert
+        from linescan.openvino_export import _Compiled, quantize
+    except ImportError as exc:
+        return f"not available ({exc})"
+    try:
+        model = convert(bundle)
+        web = bundle.meta.input.to_model(woven(1024, 4096, seed=21))
+        grid = TileGrid(PATCH, 60)
+        coords = grid.coords(*web.shape)[:512]
+        tiles = np.concatenate([cut_tiles(web, [y], [x], PATCH) for y, x in coords])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = quantize(model, tiles, BATCH)
+        threads = PLAN.torch_intra
+        out: list[tuple[str, Any]] = [("openvino fp32", _Compiled(model, "fp32", threads, BATCH))]
+        if cpu_has_native_bf16():
+            out.append(("openvino bf16", _Compiled(model, "bf16", threads, BATCH)))
+        out.append(
+            (f"openvino int8 (NNCF, {len(tiles)} tiles)", _Compiled(q, "int8", threads, BATCH))
+        )
+        return out
+    except Exception as exc:  # optional extra; report, never fail the benchmark
+        return f"not available ({type(exc).__name__}: {exc})"
 
 
 def _onnx_backend(bundle: Bundle) -> Any:
@@ -499,46 +533,93 @@ def _free_port() -> int:
         return port
 
 
-def bench_daemon(model: Path | None, quick: bool, loaded: bool) -> dict[str, Any] | str:
-    """Sustained lines/s and capture-to-event latency of the real daemon, fed by the simulator.
+def daemon_model(model: Path | None) -> Path | str:
+    """The streamable, calibrated bundle the daemon rows run (engines/default), or why not."""
+    try:
+        from linescan.demo import default_bundle_path
 
-    Runs ``linescan.demo.run_demo`` (daemon + simulator + subscriber on loopback) twice: as fast
-    as the daemon accepts (``overload = block``: lines/s), then paced at 70 % of that rate
-    (latency p50/p99 from the defect events). 'daemon: not available' when the daemon modules
-    or a streamable model with a threshold are missing.
-    """
-    try:
-        from linescan.config import Config
-        from linescan.demo import default_bundle_path, run_demo
-    except ImportError as exc:
-        return f"daemon: not available ({exc})"
-    try:
-        if model is not None:
-            path = model
-        else:
-            try:
-                path = default_bundle_path()
-            except Exception:  # no bundled default: ours, trained as the README says
-                path = ROOT / "runs" / "perf_woven"
+        path = model if model is not None else default_bundle_path()
         meta = load_bundle(path).meta
     except Exception as exc:
         return f"daemon: not available (no model: {exc})"
     if not meta.input.streamable or meta.threshold is None:
         return f"daemon: not available ({path} is not streamable or has no threshold)"
+    return Path(path)
+
+
+def openvino_copy(path: Path, tmp: Path) -> tuple[Path | None, dict[str, Any] | str]:
+    """A copy of the daemon's bundle with its OpenVINO export, INT8 calibrated on synthetic
+    woven webs like its training data and checked (``linescan export --openvino --int8``)."""
+    try:
+        from linescan.data.synthetic import write_synthetic_dataset
+        from linescan.openvino_export import export_openvino
+    except ImportError as exc:
+        return None, f"not available ({exc})"
+    import shutil
+
+    copy_path = tmp / "daemon-openvino"
+    shutil.copytree(path, copy_path)
+    data = write_synthetic_dataset(tmp / "woven-cal", "woven", 12, 0, 0, (512, 1024), seed=3)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = export_openvino(copy_path, int8=True, data=data, progress=log)
+    except Exception as exc:  # optional extra; report, never fail the benchmark
+        return None, f"not available ({type(exc).__name__}: {exc})"
+    return copy_path, {
+        "accuracy": report.record.get("accuracy"),
+        "refused": report.refused,
+        "speed": report.record.get("speed"),
+    }
+
+
+def bench_daemon(
+    path: Path, ov_path: Path | None, quick: bool, loaded: bool
+) -> dict[str, Any] | str:
+    """Sustained lines/s and capture-to-event latency of the real daemon, fed by the simulator,
+    per engine and stride.
+
+    Runs ``linescan.demo.run_demo`` (daemon + simulator + subscriber on loopback): as fast as
+    the daemon accepts (``overload = block``: lines/s) with each engine (torch auto, OpenVINO
+    fp32, bf16, int8) at the bundle's stride and at stride 64, then paced at 70 % of that rate
+    for torch and OpenVINO int8 (latency p50/p99 from the defect events).
+    """
+    from linescan.config import Config
+    from linescan.demo import run_demo
+
+    meta = load_bundle(path).meta
     lines = 4096 if quick else 12288
     out: dict[str, Any] = {"model": str(path), "scale": f"1/{meta.input.downscale}",
-                           "width": FRAME_W, "lines": lines}  # fmt: skip
-    for label, rate in (("sustained", 0.0), ("paced", None)):
+                           "width": FRAME_W, "lines": lines, "runs": {}}  # fmt: skip
+    engines: list[tuple[str, Path, str, str]] = [("torch auto", path, "torch", "auto")]
+    if ov_path is not None:
+        engines.append(("openvino fp32", ov_path, "openvino", "fp32"))
+        if cpu_has_native_bf16():
+            engines.append(("openvino bf16", ov_path, "openvino", "bf16"))
+        engines.append(("openvino int8", ov_path, "openvino", "int8"))
+    plan: list[tuple[str, Path, str, str, int, float | None]] = []
+    for stride in (meta.stride, 64):
+        for name, bundle_path, backend, precision in engines:
+            if stride != meta.stride and precision in ("fp32", "bf16") and backend == "openvino":
+                continue  # the stride rows: torch and INT8 are enough
+            plan.append((name, bundle_path, backend, precision, stride, 0.0))
+    for name, bundle_path, backend, precision in engines:
+        if precision in ("auto", "int8"):
+            plan.append((name, bundle_path, backend, precision, meta.stride, None))
+    for name, bundle_path, backend, precision, stride, rate in plan:
+        label = f"{'sustained' if rate == 0.0 else 'paced'}, {name}, stride {stride}"
         if rate is None:
-            rate = 0.7 * float(out["sustained"]["lines_per_s"])
+            rate = 0.7 * float(out["runs"][f"sustained, {name}, stride {stride}"]["lines_per_s"])
         config = Config().with_overrides(
             {
-                "model": {"bundle": Path(path).absolute()},
+                "model": {"bundle": Path(bundle_path).absolute()},
                 "frames": {"endpoint": f"tcp://127.0.0.1:{_free_port()}"},
                 "events": {"endpoint": f"tcp://127.0.0.1:{_free_port()}"},
                 "metrics": {"enabled": False},
                 "queues": {"overload": "block"},
                 "journal": {"enabled": False},
+                "engine": {"backend": backend, "precision": precision},
+                "inspection": {"stride": stride},
             }
         )
         sink = open(os.devnull, "w")  # noqa: SIM115 - closed below
@@ -546,9 +627,13 @@ def bench_daemon(model: Path | None, quick: bool, loaded: bool) -> dict[str, Any
             with one_core_loaded(loaded):
                 res = run_demo(config, lines=lines, width=FRAME_W, frame_height=256,
                                defects=lines // 1024, line_rate_hz=rate, out=sink)  # fmt: skip
+        except Exception as exc:  # one engine failing must not lose the others' rows
+            out["runs"][label] = f"failed: {type(exc).__name__}: {exc}"
+            log(f"  daemon {label}: failed ({exc})")
+            continue
         finally:
             sink.close()
-        out[label] = {
+        out["runs"][label] = {
             "line_rate_hz": rate,
             "lines_inspected": res.lines,
             "seconds": res.seconds,
@@ -558,7 +643,39 @@ def bench_daemon(model: Path | None, quick: bool, loaded: bool) -> dict[str, Any
             "defects_found": len(res.found()),
             "defects_planted": len(res.planted),
         }
-        log(f"  daemon {label}: {out[label]['lines_per_s']:.0f} lines/s")
+        log(f"  daemon {label}: {out['runs'][label]['lines_per_s']:.0f} lines/s")
+    return out
+
+
+def bench_stride_quality(specs: list[str], quick: bool) -> dict[str, Any]:
+    """Detection against stride: pixel AUROC and the recall of synthetic (and labelled)
+    defects at the calibrated threshold, and false alarms on good images, for each stride
+    ``stride = "auto"`` may choose. ``specs``: NAME=MODEL@DATA (DATA: MVTec layout or a
+    folder of good images; its test/good and labelled test images when it has them)."""
+    from linescan.data.images import test_samples, training_images
+    from linescan.openvino_export import check_cases, measure_accuracy, split_images
+    from linescan.stride import candidate_strides
+
+    out: dict[str, Any] = {}
+    for spec in specs:
+        name, rest = spec.split("=", 1)
+        model, data = rest.split("@", 1)
+        bundle = load_bundle(Path(model))
+        meta = bundle.meta
+        try:
+            samples = test_samples(Path(data))
+            goods = [s.image for s in samples if s.mask is None][:8]
+            labelled = [(s.image, s.mask) for s in samples if s.mask is not None][:16]
+        except Exception:  # a plain folder of good images
+            goods, labelled = split_images(training_images(Path(data)))[1], []
+        backend = production_backend(bundle)
+        good_px, cases = check_cases(goods[: 2 if quick else 8], labelled, meta, backend)
+        row: dict[str, Any] = {"model": model, "data": data, "precision": backend.precision}
+        for stride in candidate_strides(meta.patch, meta.stride):
+            acc = measure_accuracy(replace(meta, stride=stride), backend, good_px, cases)
+            row[str(stride)] = acc.to_json()
+            log(f"  stride quality {name} stride {stride}: {acc.to_json()}")
+        out[name] = row
     return out
 
 
@@ -708,17 +825,44 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
             out.append((f"batch-1 forward, {label}", "-", lat))
     dm = results.get("daemon")
     if isinstance(dm, dict):
-        for label in ("sustained", "paced"):
-            d = dm.get(label)
-            if d:
-                lat = ""  # as fast as accepted, latency is queueing: paced run only
-                if label == "paced" and d["latency_p50_ms"] is not None:
-                    lat = (f", latency p50 {d['latency_p50_ms']:.0f} ms "
-                           f"p99 {d['latency_p99_ms']:.0f} ms")  # fmt: skip
-                out.append((f"daemon {label}, 4096 wide, model {dm['scale']}",
-                            f"{d['lines_per_s']:.0f} lines/s{lat}", "-"))  # fmt: skip
+        for label, d in dm["runs"].items():
+            if isinstance(d, str):
+                out.append((f"daemon {label}", d, "-"))
+                continue
+            lat = ""  # as fast as accepted, latency is queueing: paced run only
+            if label.startswith("paced") and d["latency_p50_ms"] is not None:
+                lat = (f", latency p50 {d['latency_p50_ms']:.0f} ms "
+                       f"p99 {d['latency_p99_ms']:.0f} ms")  # fmt: skip
+            out.append((f"daemon {label}, 4096 wide, model {dm['scale']}",
+                        f"{d['lines_per_s']:.0f} lines/s{lat}", "-"))  # fmt: skip
     else:
         out.append(("daemon", str(dm), "-"))
+    ov = results.get("daemon_openvino")
+    if isinstance(ov, dict) and isinstance(ov.get("accuracy"), dict):
+        acc = ov["accuracy"]
+        for key in ("bf16", "int8"):
+            if isinstance(acc.get(key), dict):
+                a, r = acc[key], acc["fp32"]
+                out.append((
+                    f"daemon's model, OpenVINO {key} vs fp32 on synthetic defects "
+                    f"({acc['held_out_images']} held-out woven images x {acc['planted_copies']})",
+                    f"AUROC {a['auroc']:.4f} vs {r['auroc']:.4f}, recall {a['recall']:.3f} vs "
+                    f"{r['recall']:.3f}: {a['verdict']}",
+                    "-",
+                ))  # fmt: skip
+    elif ov is not None:
+        out.append(("daemon's model, OpenVINO export", str(ov), "-"))
+    for name, row in results.get("stride_quality", {}).items():
+        for stride, a in row.items():
+            if isinstance(a, dict):
+                recall = "-" if a["recall"] is None else f"{a['recall']:.3f}"
+                out.append((
+                    f"{name}, stride {stride} ({row['precision']}): AUROC, recall at the "
+                    "calibrated threshold, false alarms",
+                    f"{a['auroc']:.4f}, {recall} ({a['found']}/{a['defects']}), "
+                    f"{a['false_alarms']} on {a['good_mpx']:.1f} Mpx",
+                    "-",
+                ))  # fmt: skip
     for name, d in results.get("accuracy", {}).items():
         if d.get("delta") is not None:
             out.append((f"pixel AUROC {name}: fp32 vs bf16",
@@ -753,6 +897,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--accuracy", action="append", default=None, metavar="NAME=MODEL@DATA",
                     help="evaluate MODEL on DATA in fp32 and bf16 (default: trained bundles "
                          "under runs/ when present; 'none' to skip)")  # fmt: skip
+    ap.add_argument("--stride-quality", action="append", default=None, metavar="NAME=MODEL@DATA",
+                    help="AUROC and recall at the calibrated threshold per stride (default: "
+                         "the daemon's model on synthetic woven webs; 'none' to skip)")  # fmt: skip
     ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -780,12 +927,29 @@ def main(argv: list[str] | None = None) -> int:
         log("batch-1 latency with one core busy, by OpenMP wait policy...")
         results["wait_policy"] = bench_wait_policy(a.quick)
     log("daemon...")
-    # The daemon's own layout: post-processing runs beside inference (pipelined plan).
-    results["daemon_thread_plan"] = configure_threads(pipelined=True).to_dict()
-    results["daemon"] = bench_daemon(a.daemon_model, a.quick, loaded=False)
-    configure_threads(pipelined=False)
-    if isinstance(results["daemon"], str):
-        print(results["daemon"])
+    path = daemon_model(a.daemon_model)
+    if isinstance(path, str):
+        results["daemon"] = path
+        print(path)
+    else:
+        with tempfile.TemporaryDirectory(prefix="linescan-bench-") as tmp:
+            log(" OpenVINO export of the daemon's model (INT8, checked)...")
+            ov_path, results["daemon_openvino"] = openvino_copy(path, Path(tmp))
+            # The daemon's own layout: post-processing runs beside inference (pipelined plan).
+            results["daemon_thread_plan"] = configure_threads(pipelined=True).to_dict()
+            results["daemon"] = bench_daemon(path, ov_path, a.quick, loaded=False)
+            configure_threads(pipelined=False)
+            quality = a.stride_quality
+            if quality is None:
+                from linescan.data.synthetic import write_synthetic_dataset
+
+                webs = write_synthetic_dataset(Path(tmp) / "woven-q", "woven", 0, 4, 6,
+                                               (512, 1024), seed=9)  # fmt: skip
+                quality = [f"woven webs, daemon's model={path}@{webs}"]
+            quality = [q for q in quality if q != "none"]
+            if quality:
+                log("detection against stride...")
+                results["stride_quality"] = bench_stride_quality(quality, a.quick)
     specs = a.accuracy if a.accuracy is not None else default_accuracy_specs()
     specs = [s for s in specs if s != "none"]
     if specs:

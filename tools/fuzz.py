@@ -295,12 +295,19 @@ class Planner:
             parts = [json.dumps(narrow).encode(), bytes(self.height * 4)]
             return Message(kind, parts, "dims")
         if kind in ("duplicate", "out_of_order"):
-            if kind == "out_of_order" and len(self.valid_sent) >= 2:
-                # at most REORDER_WINDOW back: further back the daemon takes a restarted camera
-                k = rng.randrange(2, min(len(self.valid_sent), REORDER_WINDOW) + 1)
-                m = self.valid_sent[-k]
-            else:
-                m = self.valid_sent[-1]
+            m = self.valid_sent[-1]
+            if kind == "out_of_order":
+                # The daemon expects the seq after the last valid frame it received and takes a
+                # step back of more than REORDER_WINDOW *seqs* (not valid frames: lost frames
+                # between them count) as a restarted camera, not as a frame out of order.
+                expected_seq = m.seq + 1 if m.seq is not None else 0
+                back = [
+                    v
+                    for v in self.valid_sent[-REORDER_WINDOW - 1 : -1]
+                    if v.seq is not None and expected_seq - v.seq <= REORDER_WINDOW
+                ]
+                if back:
+                    m = rng.choice(back)
             return Message(kind, list(m.parts), "sequence", m.seq)
         if kind == "corrupted_in_transit":
             # a real frame whose payload lost bytes: rejected, and its seq never arrives

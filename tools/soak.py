@@ -19,6 +19,12 @@ and runs, against that one process (restarted as needed):
               journal (``replay.follow``) ends up with every event exactly once, identical to
               the journal.
 
+``many daemons`` (``--daemons N``, default 3; 0 skips it) N daemons side by side, each as an
+              instance of ``deploy/linescan@.service`` runs (own config, ports,
+              ``$STATE_DIRECTORY`` and journal), a camera with defects on each, one subscriber
+              following all of them (``replay.follow_many``) while each daemon in turn is
+              SIGKILLed and restarted: it must end with every daemon's journal, exactly.
+
 It prints one table row per scenario and exits 1 if any invariant failed::
 
     nice -n 5 .venv/bin/python tools/soak.py --duration 60     # about 5 minutes
@@ -62,7 +68,14 @@ import fuzz  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from linescan.ingest import FrameLimits  # noqa: E402
-from linescan.replay import FollowStats, ReplayError, fetch, follow  # noqa: E402
+from linescan.replay import (  # noqa: E402
+    EventSource,
+    FollowStats,
+    ReplayError,
+    fetch,
+    follow,
+    follow_many,
+)
 from linescan.security import (  # noqa: E402
     CurveKeys,
     client_setup,
@@ -100,15 +113,27 @@ def rss_kib(pid: int) -> int:
 class DaemonProcess:
     """A ``linescan serve`` subprocess with its config, keys and journal in ``workdir``."""
 
-    def __init__(self, workdir: Path, bundle: Path, curve: bool = True, threads: int = 1) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        bundle: Path,
+        curve: bool = True,
+        threads: int = 1,
+        state_directory: bool = False,
+        camera: str = "cam0",
+    ) -> None:
+        """``state_directory``: run as an instance of ``deploy/linescan@.service`` does, with
+        ``$STATE_DIRECTORY`` (``workdir/state``) and no ``journal.path`` in the config, so the
+        journal lands where the unit's default puts it."""
         self.workdir = workdir
         self.curve = curve
+        self.state = workdir / "state" if state_directory else None
         self.ports = {k: free_port() for k in ("frames", "events", "replay", "metrics")}
         self.frames = f"tcp://127.0.0.1:{self.ports['frames']}"
         self.events = f"tcp://127.0.0.1:{self.ports['events']}"
         self.replay = f"tcp://127.0.0.1:{self.ports['replay']}"
         self.metrics_url = f"http://127.0.0.1:{self.ports['metrics']}"
-        self.journal = workdir / "journal.sqlite"
+        self.journal = (self.state or workdir) / "journal.sqlite"
         self.log = workdir / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -142,9 +167,12 @@ class DaemonProcess:
             f'[events]\nendpoint = "{self.events}"\nstatus_interval_s = 0.2\n{curve_events}'
             f'[metrics]\nlisten = "127.0.0.1:{self.ports["metrics"]}"\n'
             f"[inspection]\nstride = {fuzz.STRIDE}\nmax_batch = 64\nmax_wait_ms = 10.0\n"
+            f'camera = "{camera}"\n'
             f"[engine]\nthreads = {threads}\n"
             '[log]\nformat = "json"\nlevel = "warning"\n'
-            f'[journal]\npath = "journal.sqlite"\nreplay_endpoint = "{self.replay}"\n',
+            "[journal]\n"
+            + ('path = "journal.sqlite"\n' if self.state is None else "")
+            + f'replay_endpoint = "{self.replay}"\n',
             encoding="utf-8",
         )
 
@@ -165,8 +193,16 @@ class DaemonProcess:
 
     def start(self, ctx: Ctx, timeout: float = 120.0) -> None:
         """Start ``linescan serve`` and wait until it answers replay requests and /readyz."""
+        self.launch()
+        self.wait_ready(ctx, timeout)
+
+    def launch(self) -> None:
+        """Start ``linescan serve`` (``wait_ready`` waits for it: start several, then wait)."""
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         env.pop("STATE_DIRECTORY", None)
+        if self.state is not None:
+            self.state.mkdir(parents=True, exist_ok=True)
+            env["STATE_DIRECTORY"] = str(self.state)
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "linescan.cli", "serve", "--config", str(self.config)],
@@ -176,6 +212,11 @@ class DaemonProcess:
                 env=env,
             )
         self.starts += 1
+
+    def wait_ready(self, ctx: Ctx, timeout: float = 120.0) -> None:
+        """Wait until the launched daemon answers replay requests and /readyz."""
+        if self.proc is None:
+            raise RuntimeError("wait_ready before launch")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -354,7 +395,23 @@ class Sender:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
-        self._sock.close()  # lingers until delivered
+        if not self._sock.closed:
+            self._sock.close()  # lingers until delivered
+
+    def finish(self) -> tuple[int, int, int, int]:
+        """Stop, then send one more frame on the same socket (so it arrives last): it has a
+        defect and ends the web, so once its event is out, every event of this camera is.
+        The defect's (line0, x0, line1, x1)."""
+        self._stop.set()
+        self._thread.join(10)
+        m = self.planner.valid(defect=True, end=True)
+        self._sock.setsockopt(zmq.SNDTIMEO, 30_000)
+        self._sock.send_multipart(m.parts)
+        self.offered += 1
+        self.stop()
+        if m.defect is None:  # pragma: no cover - asked for one
+            raise RuntimeError("the last frame has no defect")
+        return m.defect
 
 
 @contextlib.contextmanager
@@ -742,6 +799,138 @@ class Soak:
         return row
 
 
+def many_daemons(
+    workdir: Path,
+    bundle: Path,
+    ctx: Ctx,
+    n: int,
+    seconds: float,
+    curve: bool = True,
+    fps: float = 10.0,
+) -> Row:
+    """``n`` daemons side by side, each as an instance of ``deploy/linescan@.service`` runs
+    (its own config, ports, ``$STATE_DIRECTORY`` and journal), a camera sending frames with
+    defects to each, and one subscriber following all of them (``replay.follow_many``), while
+    each daemon in turn is SIGKILLed and restarted. Every daemon's journal must reach the
+    subscriber exactly once, in ``seq`` order, under its own source name."""
+    row = Row("many daemons", restarts=0)
+    t0 = time.monotonic()
+    names = [f"cam{i + 1}" for i in range(n)]
+    daemons: dict[str, DaemonProcess] = {}
+    for name in names:
+        (workdir / name).mkdir(parents=True, exist_ok=True)
+        daemons[name] = DaemonProcess(
+            workdir / name, bundle, curve, state_directory=True, camera=name
+        )
+    got: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    lock = threading.Lock()
+    stop = threading.Event()
+    stats = {name: FollowStats() for name in names}
+    senders: list[Sender] = []
+    sub: threading.Thread | None = None
+    try:
+        for d in daemons.values():
+            d.launch()
+        for d in daemons.values():
+            d.wait_ready(ctx)
+        row.rss_start_mib = sum(d.rss_kib() for d in daemons.values()) / 1024
+        sources = [
+            EventSource(name, d.events, d.replay, d.events_setup()) for name, d in daemons.items()
+        ]
+
+        def on_event(source: str, topic: str, body: dict[str, Any]) -> None:
+            if topic == "defect":
+                with lock:
+                    got[source].append(body)
+
+        def follow_all() -> None:
+            follow_many(
+                sources,
+                on_event,
+                0,
+                topics=("defect", "status"),
+                context=ctx,
+                should_stop=stop.is_set,
+                replay_timeout_s=1.0,
+                stats=stats,
+            )
+
+        sub = threading.Thread(target=follow_all, daemon=True)
+        sub.start()
+        for name, d in daemons.items():
+            planner = fuzz.Planner(random.Random(name), 256, HEIGHT, name, d.limits)
+            senders.append(Sender(d, ctx, planner, fps, defect_every=1))
+        phase = seconds / (n + 1)
+        for name, d in daemons.items():
+            time.sleep(phase)
+            before = journal_rows(d.journal)
+            d.kill()
+            if integrity(d.journal) != "ok":
+                row.problems.append(f"{name}: journal integrity after SIGKILL")
+            if len(journal_rows(d.journal)) < len(before):
+                row.problems.append(f"{name}: journal lost rows in the kill")
+            d.start(ctx)
+            row.restarts = (row.restarts or 0) + 1
+        time.sleep(phase)
+        ends = {name: sender.finish() for name, sender in zip(names, senders, strict=True)}
+        row.offered = sum(sender.offered for sender in senders)
+
+        def caught_up() -> bool:
+            with lock:
+                return all(
+                    any(fuzz.overlaps(ends[name], e) for e in got[name])
+                    and len(got[name]) >= len(journal_rows(d.journal))
+                    for name, d in daemons.items()
+                )
+
+        # every journaled event reaches the subscriber (live or replayed)
+        deadline = time.monotonic() + 60
+        while not caught_up() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        row.rss_end_mib = sum(d.rss_kib() for d in daemons.values()) / 1024
+    finally:
+        stop.set()
+        if sub is not None:
+            sub.join(30)
+        for sender in senders:
+            sender.stop()
+        for d in daemons.values():
+            code = d.stop()
+            if code != 0:
+                row.problems.append(f"{d.workdir.name}: exit status {code} after SIGTERM")
+    journaled = 0
+    per: list[str] = []
+    for name, d in daemons.items():
+        rows = journal_rows(d.journal)
+        journaled += len(rows)
+        mine = got[name]
+        seqs = [int(e["seq"]) for e in mine]
+        per.append(f"{name} {len(mine)}/{len(rows)}")
+        if [s for s, _ in rows] != list(range(len(rows))):
+            row.problems.append(f"{name}: journal seqs are not 0, 1, 2, ...")
+        if seqs != [s for s, _ in rows]:
+            row.problems.append(
+                f"{name}: subscriber has {len(mine)} events, the journal {len(rows)}"
+            )
+        elif any(json.loads(b) != e for (_, b), e in zip(rows, mine, strict=True)):
+            row.problems.append(f"{name}: events differ from the journal")
+        if any(e.get("camera") != name for e in mine):
+            row.problems.append(f"{name}: an event of another camera under this source")
+        if stats[name].lost:
+            row.problems.append(f"{name}: lost {stats[name].lost}")
+        if not rows:
+            row.problems.append(f"{name}: no events at all")
+    row.journaled = journaled
+    row.published = sum(st.live for st in stats.values())
+    row.replayed = sum(st.replayed for st in stats.values())
+    row.seconds = time.monotonic() - t0
+    row.notes = (
+        f"{n} daemons, one subscriber, each daemon SIGKILLed once: events received/journaled "
+        + ", ".join(per)
+    )
+    return row
+
+
 def run(
     workdir: Path,
     duration: float,
@@ -750,8 +939,10 @@ def run(
     curve: bool = True,
     bundle: Path | None = None,
     scenarios: tuple[str, ...] = ("auth", "fuzz", "overload", "restart"),
+    daemons: int = 0,
 ) -> list[Row]:
-    """Every scenario against one daemon process (restarted by ``restart``); the rows."""
+    """Every scenario against one daemon process (restarted by ``restart``); the rows.
+    ``daemons`` > 0 adds the many-daemon scenario (``many_daemons``) with that many."""
     if bundle is None:
         bundle = fuzz.flat_bundle(workdir / "bundle")
     d = DaemonProcess(workdir, bundle, curve)
@@ -777,6 +968,8 @@ def run(
         rows[-1].restarts = d.starts - 1
         if integrity(d.journal) != "ok":
             rows[-1].problems.append("journal integrity check failed at the end")
+        if daemons:
+            rows.append(many_daemons(workdir / "many", bundle, ctx, daemons, duration, curve))
     finally:
         if soak is not None and not soak.sub.done:
             soak.sub.close()
@@ -828,15 +1021,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--short", action="store_true", help="CI-sized: 4 s scenarios, 1 restart")
     ap.add_argument("--width", type=int, default=256, help="web width in pixels")
     ap.add_argument("--no-curve", action="store_true", help="plain TCP (skips auth)")
+    ap.add_argument(
+        "--daemons",
+        type=int,
+        default=3,
+        help="daemons side by side in the many-daemon scenario (0: skip it; --short: 2)",
+    )
     ap.add_argument("--bundle", type=Path, default=None, help="model bundle (default: built)")
     ap.add_argument("--work", type=Path, default=None, help="keep files here (default: temp)")
     args = ap.parse_args(argv)
     duration, restarts = (4.0, 1) if args.short else (args.duration, args.restarts)
+    daemons = min(args.daemons, 2) if args.short else args.daemons
     work = args.work or Path(tempfile.mkdtemp(prefix="linescan-soak-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     try:
-        rows = run(work, duration, restarts, args.width, not args.no_curve, args.bundle)
+        rows = run(
+            work, duration, restarts, args.width, not args.no_curve, args.bundle, daemons=daemons
+        )
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

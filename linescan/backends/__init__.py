@@ -5,7 +5,8 @@ float32 reconstructions (C = 1, or the N posterior decodes of a VAE). Everything
 (tiling, stitching, residuals) is the same whichever backend runs.
 
 Backends are chosen by name in the config (``engine.backend``); optional ones import their
-libraries only when chosen, so ``import linescan`` never needs TensorRT or onnxruntime.
+libraries only when chosen, so ``import linescan`` never needs TensorRT, onnxruntime or
+OpenVINO.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class FixedBatch:
         self.inner.close()
 
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt", "torch-cuda")
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt", "torch-cuda")
 
 
 def create_backend(
@@ -122,6 +123,11 @@ def _create(
 
         backend: Backend = OnnxBackend(bundle, threads=threads)
         return backend
+    if name == "openvino":
+        from linescan.backends.openvino_cpu import OpenVinoBackend
+
+        ov: Backend = OpenVinoBackend(bundle, precision=precision, threads=threads, max_batch=batch)
+        return ov
     if name == "tensorrt":
         from linescan.backends.tensorrt import TensorRTBackend
 

@@ -8,6 +8,11 @@
       model.onnx      (optional, ``linescan export``) the same network with a dynamic batch axis
       model.fp16.onnx (optional, with model.onnx) the same in FP16 with FP32 inputs and outputs,
                       what strongly typed TensorRT builds FP16 engines from
+      openvino/       (optional, ``linescan export --openvino [--int8]``) OpenVINO IR of the same
+                      network: model.xml/.bin (FP32 weights; bf16 is a compile-time choice) and
+                      model.int8.xml/.bin (NNCF post-training quantization), their checksums,
+                      the calibration data's record and checksum and the accuracy check's
+                      numbers in bundle.json under "openvino" (``linescan/openvino_export.py``)
       score.npz       (optional) statistics of the residual on defect-free material that turn it
                       into the score (``score.py``): per column, per distance from the web's
                       edges and from a segment's ends; written at the end of training and by
@@ -74,6 +79,7 @@ class BundleMeta:
     opening: int = PAPER_DIAMETER  # diameter of the opening's disk, model pixels
     score: ScoreModel | None = field(default=None, compare=False, repr=False)
     score_sha256: str | None = None
+    openvino: dict[str, Any] | None = None  # the OpenVINO export's record (openvino_export.py)
 
     def scoring(self, fixed_columns: tuple[int | None, int | None] | None = None) -> Scoring:
         """How this bundle's residual becomes its score (``score.py``)."""
@@ -120,6 +126,7 @@ class BundleMeta:
             "training": self.training,
             "weights": {"file": WEIGHTS_FILE, "sha256": self.weights_sha256},
             "onnx": self._onnx_json(),
+            "openvino": self.openvino,
         }
 
     def _score_json(self) -> dict[str, Any] | None:
@@ -325,6 +332,9 @@ def read_meta(path: Path) -> BundleMeta:
         if not isinstance(opening, int) or isinstance(opening, bool) or not 1 <= opening <= 64:
             raise ModelError(f"{where}: inspection.opening_disk_diameter must be 1..64")
         score, score_sha = _read_score(path, raw.get("score"), where)
+        openvino = raw.get("openvino")
+        if openvino is not None and not isinstance(openvino, dict):
+            raise ModelError(f"{where}: openvino must be an object or null")
         meta = BundleMeta(
             name=_get(raw, "name", str, where),
             created=str(raw.get("created", "")),
@@ -346,6 +356,7 @@ def read_meta(path: Path) -> BundleMeta:
             opening=opening,
             score=score,
             score_sha256=score_sha,
+            openvino=openvino,
         )
         meta.scoring()  # a residual the statistics do not cover is refused here
     except ValueError as exc:  # out-of-range values rejected by the dataclasses

@@ -60,6 +60,7 @@ class EventSender:
         on_event: OnEvent | None,
         pictures: PictureWriter | None = None,
         view: LiveView | None = None,
+        inspection: dict[str, object] | None = None,
     ) -> None:
         self.publisher = publisher
         self.config = config
@@ -76,6 +77,7 @@ class EventSender:
         self.repeats = RepeatFinder(config.repeats, lpm) if config.repeats.enabled else None
         self.run_ns = time.time_ns()  # names this daemon's segments in the roll records
         self._first_seen: dict[tuple[str, int], int] = {}  # (camera, segment) -> first status
+        self.inspection = dict(inspection or {})  # the stride in use, and why
 
     def defects(
         self,
@@ -187,6 +189,7 @@ class EventSender:
             "web": dict(web or {}),
             "cameras": dict(cameras or {}),
             "repeats": self._repeats(cameras or {}),
+            "inspection": self.inspection,
         }
         status_seq = self.publisher.publish("status", payload)
         if self.view is not None:
