@@ -123,9 +123,14 @@ def run_evaluation(
         floor = min(floor, threshold)
     sparse = [SparseMap.build(o, floor, px, lab, n) for o, px, lab, n in maps]
     top = max((float(m.values.max()) for m in sparse if m.values.size), default=floor)
-    sweep = sorted(
-        {*np.linspace(floor, max(top, floor * 1.01, floor + 1e-6), FROC_POINTS).tolist()}
+    points = {*np.linspace(floor, max(top, floor * 1.01, floor + 1e-6), FROC_POINTS).tolist()}
+    # as many again where the false alarms die out (up to the good images' highest region)
+    good_top = max(
+        (float(m.values.max()) for m in sparse if m.gt is None and m.values.size), default=0
     )
+    if good_top > floor:
+        points |= set(np.linspace(floor, good_top * 1.05, FROC_POINTS).tolist())
+    sweep: list[float] = sorted(points)
     if threshold is not None:
         sweep = sorted({*sweep, float(threshold)})
     h0, w0 = maps[0][0].shape

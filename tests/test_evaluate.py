@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -372,3 +373,70 @@ def test_plot_roc_writes_a_readable_png(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least one curve"):
         plot_roc({}, path, "empty")
     assert isinstance(roc, Roc)
+
+
+# --------------------------------------------------------------------------------------------
+# The operating point, counted as the daemon publishes
+
+
+def test_the_operating_point_counts_what_inspection_publishes(
+    ssim_model: Any, tmp_path: Path
+) -> None:
+    """``run_evaluation``'s operating point, at the bundle's threshold and at a lower one: the
+    false alarms per good test image are ``inspect_image``'s regions on them; a ground-truth
+    region is found when a published region's mask touches it; a defect image when any is.
+    The FROC holds the same point and froc.png is written."""
+    from linescan.data.images import read_grey, read_mask, test_samples
+    from linescan.evaluation_run import run_evaluation
+    from linescan.pipeline import Settings, inspect_image
+    from linescan.preprocess import upscale_to
+
+    bundle = ssim_model.load()
+    backend = ssim_model.backend()
+    meta = bundle.meta
+    assert meta.threshold is not None
+    for threshold in (meta.threshold, 0.7 * meta.threshold):
+        out = tmp_path / f"eval{threshold:.3f}"
+        doc = run_evaluation(
+            ssim_model.data, meta, backend, out, settings=Settings(threshold=threshold)
+        )
+        op = doc["operating_point"]
+        assert set(op) >= {
+            "threshold", "false_alarms_per_image", "false_alarms_per_mpx", "region_recall",
+            "image_recall", "good_images", "defect_images", "defect_regions",
+        }  # fmt: skip
+        samples = test_samples(ssim_model.data)
+        goods = [s for s in samples if s.mask is None]
+        bads = [s for s in samples if s.mask is not None]
+        settings = Settings(threshold=threshold)
+        alarms = sum(
+            len(inspect_image(read_grey(s.image), meta, backend, settings).regions) for s in goods
+        )
+        assert op["false_alarms_per_image"] == pytest.approx(alarms / len(goods))
+        px = sum(read_grey(s.image).size for s in goods) / 1e6
+        assert op["false_alarms_per_mpx"] == pytest.approx(alarms / px)
+        found_images = 0
+        found_regions = 0
+        regions = 0
+        for s in bads:
+            assert s.mask is not None
+            res = inspect_image(read_grey(s.image), meta, backend, settings)
+            gt = read_mask(s.mask)
+            small = meta.input.to_model(gt.astype(np.uint8)) > 0
+            n, labels = cv2.connectedComponents(small.astype(np.uint8), connectivity=8)
+            hit = np.unique(labels[(res.mask > 0) & (labels > 0)])
+            regions += n - 1
+            found_regions += hit.size
+            found_images += hit.size > 0
+            assert (
+                upscale_to(res.mask.astype(np.float32), *gt.shape, meta.input, True).shape
+                == gt.shape
+            )
+        assert op["defect_regions"] == regions
+        assert op["region_recall"] == pytest.approx(found_regions / regions)
+        assert op["image_recall"] == pytest.approx(found_images / len(bads))
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert op in metrics["froc"]
+        recalls = [p["region_recall"] for p in metrics["froc"]]
+        assert recalls == sorted(recalls, reverse=True)
+        assert cv2.imread(str(out / "froc.png")) is not None
