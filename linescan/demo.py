@@ -219,19 +219,19 @@ def run_demo(
     res.loss = tracker_box[0] if tracker_box else None
     _summary(res, out)
     if server is not None:
-        if hold and config.metrics.page:
-            out.write(
-                f"the live page stays up at {page_url(config.metrics.host, server.port)} "
-                "until Ctrl-C\n"
-            )
-            out.flush()
-            try:
+        # Ctrl-C may come at any moment from here on (the line below invites it): the page
+        # server is stopped whatever happens, and the interrupt ends the hold, not the demo.
+        try:
+            if hold and config.metrics.page:
+                out.write(
+                    f"the live page stays up at {page_url(config.metrics.host, server.port)} "
+                    "until Ctrl-C\n"
+                )
+                out.flush()
                 threading.Event().wait()
-            except KeyboardInterrupt:
-                pass
-            finally:
-                server.stop()
-        else:
+        except KeyboardInterrupt:
+            pass
+        finally:
             server.stop()
     return res
 

@@ -265,7 +265,7 @@ def test_the_demo_prints_the_page_and_serves_it_while_it_runs(tmp_path: Path) ->
         _, after = http_json(url + "api/defects?since=0")
         assert len(after["events"]) == len(found) > 0
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) in (0, 1)
+        assert proc.wait(timeout=90) in (0, 1)  # a loaded 2-core machine is slow to stop
     finally:
         if proc.poll() is None:
             proc.kill()
