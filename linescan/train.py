@@ -44,7 +44,7 @@ from linescan.backends.torch_cpu import cpu_has_native_bf16
 from linescan.data.images import read_grey, training_images
 from linescan.errors import DataError, ModelError
 from linescan.model.autoencoder import FeatureExtractor, VariationalAutoencoder
-from linescan.model.bundle import BundleMeta, Loss, build_module, save_bundle
+from linescan.model.bundle import BundleMeta, Loss, build_module, save_bundle, sha256_file
 from linescan.preprocess import InputSpec
 from linescan.residual import ResidualKind
 from linescan.ssim import SSIMParams, ssim_torch
@@ -146,6 +146,31 @@ def infer_bit_depth(paths: Sequence[Path]) -> int:
     if len(dtypes) > 1:
         raise DataError(f"training images mix bit depths ({sorted(map(str, dtypes))})")
     return 16 if np.dtype(next(iter(dtypes))) == np.uint16 else 8
+
+
+def trained_on(training: dict[str, Any], paths: Sequence[Path]) -> list[bool]:
+    """Which of ``paths`` the model was trained on (its bundle's ``training`` record).
+
+    By content (``images_sha256``); for bundles from before that was recorded, by repeating
+    the hold-out split of the recorded training folder (the same seed and share).
+    """
+    shas = training.get("images_sha256")
+    if isinstance(shas, list):
+        known = set(shas)
+        return [sha256_file(p) in known for p in paths]
+    data = training.get("data")
+    if not isinstance(data, str) or not Path(data).is_dir():
+        return [False] * len(paths)
+    try:
+        all_paths = training_images(Path(data))
+    except DataError:
+        return [False] * len(paths)
+    fraction = float(training.get("holdout", 0.1))
+    train_paths, hold = split_holdout(all_paths, fraction, int(training.get("seed", 0)))
+    if len(hold) != int(training.get("holdout_images", len(hold))):
+        return [False] * len(paths)
+    seen = {p.resolve() for p in train_paths}
+    return [Path(p).resolve() in seen for p in paths]
 
 
 def split_holdout(paths: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
@@ -458,6 +483,9 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> TrainResult:
         "data": str(cfg.data),
         "images": len(train_paths),
         "holdout_images": len(hold),
+        "holdout": cfg.holdout,
+        # which images the weights have seen: calibration must not judge false alarms on them
+        "images_sha256": sorted(sha256_file(p) for p in train_paths),
         "image_sizes": sorted({f"{x.shape[1]}x{x.shape[0]}" for x in images}),
         "patches": cfg.patches,
         "epochs": epoch,

@@ -56,7 +56,7 @@ def test_max_opened_threshold_keeps_every_good_image_clean(
     backend = _backend(ssim_model)
     cal = calibrate(
         good, bundle.meta, backend, rule="max-opened", residual="keep", plants=0,
-        statistics="keep",
+        statistics="keep", judge="all",
     )  # fmt: skip
     meta = bundle.meta
     base = cal.record["opened_max"]["max"]
@@ -78,7 +78,7 @@ def test_quantile_rule_returns_the_score_quantile(ssim_model: Trained, good: lis
     backend = _backend(ssim_model)
     cal = calibrate(
         good, bundle.meta, backend, rule="quantile", quantile=0.99, residual="keep",
-        statistics="keep",
+        statistics="keep", judge="all",
     )  # fmt: skip
     meta = bundle.meta
     pixels = np.concatenate([reconstruct(read_grey(p), meta, backend).score.ravel() for p in good])
@@ -192,7 +192,7 @@ def traded(ssim_model: Trained, good: list[Path]) -> tuple[Calibration, list[Tes
     defects = [s for s in test_samples(ssim_model.data) if s.mask is not None]
     cal = calibrate(
         good, bundle.meta, _backend(ssim_model), defects=defects, residual="keep",
-        statistics="keep",
+        statistics="keep", judge="all",
     )  # fmt: skip
     return cal, defects
 
@@ -291,7 +291,9 @@ def test_budget_rule_keeps_the_budget_on_the_calibration_images(
     backend = _backend(ssim_model)
     mpx = sum(read_grey(p).size for p in good) / 1e6
     loose_budget = 3.0 / mpx  # three alarms on these images
-    loose = calibrate(good, bundle.meta, backend, budget_per_mpx=loose_budget, residual="keep")
+    loose = calibrate(
+        good, bundle.meta, backend, budget_per_mpx=loose_budget, residual="keep", judge="all"
+    )
     points = loose.record["operating_points"]
     assert not loose.record["extrapolated"]
     assert all(
@@ -302,7 +304,9 @@ def test_budget_rule_keeps_the_budget_on_the_calibration_images(
     below = [p for p in points if p["threshold"] < loose.threshold]
     assert below
     assert below[-1]["alarms_per_mpx"] > loose_budget
-    strict = calibrate(good, bundle.meta, backend, budget_per_mpx=0.01 / mpx, residual="keep")
+    strict = calibrate(
+        good, bundle.meta, backend, budget_per_mpx=0.01 / mpx, residual="keep", judge="all"
+    )
     assert strict.record["extrapolated"]
     assert strict.threshold >= strict.record["opened_max"]["max"]
     assert strict.threshold > loose.threshold
@@ -386,7 +390,7 @@ def test_min_area_filters_alarms(ssim_model: Trained, good: list[Path]) -> None:
     """Regions under min_area_px are not alarms (as the daemon does not publish them)."""
     bundle = ssim_model.load()
     backend = _backend(ssim_model)
-    kw: dict[str, object] = {"residual": "ssim", "rule": "max-opened", "plants": 0}
+    kw: dict[str, object] = {"residual": "ssim", "rule": "max-opened", "plants": 0, "judge": "all"}
     every = calibrate(good, bundle.meta, backend, **kw).record["operating_points"]  # type: ignore[arg-type]
     big = calibrate(
         good,
@@ -425,7 +429,7 @@ def test_a_flawed_good_image_is_left_out_and_named(ssim_model: Trained, tmp_path
     plant_defects(flawed, 0, [Defect("hole", 100, 100, 20, 20)])
     write_grey(paths[4], flawed)
     bundle = ssim_model.load()
-    kw: dict[str, object] = {"residual": "keep", "statistics": "keep", "plants": 0}
+    kw: dict[str, object] = {"residual": "keep", "statistics": "keep", "plants": 0, "judge": "all"}
     cal = calibrate(paths, bundle.meta, _backend(ssim_model), **kw)  # type: ignore[arg-type]
     assert [o["image"] for o in cal.record["outliers"]] == [str(paths[4])]
     assert cal.record["outliers"][0]["score"] > 1.5 * cal.threshold
@@ -433,3 +437,22 @@ def test_a_flawed_good_image_is_left_out_and_named(ssim_model: Trained, tmp_path
     assert cal.threshold == pytest.approx(clean.threshold, rel=0.05)  # grids differ a little
     assert clean.record["outliers"] == []
     assert "left out of the threshold: 004.png" in format_kinds(cal.record)
+
+
+def test_false_alarms_are_judged_on_images_the_model_has_not_seen(
+    ssim_model: Trained, good: list[Path]
+) -> None:
+    """The model trained on the dataset's train/good images: with the test/good ones given
+    too, false alarms are counted (and defects planted) on those two only, and the summary says
+    so; given only training images, it warns that the count flatters the model."""
+    bundle = ssim_model.load()
+    train_imgs = training_images(ssim_model.data)
+    assert len(good) == len(train_imgs) + 2
+    cal = calibrate(good, bundle.meta, _backend(ssim_model), residual="keep", plants=1)
+    assert cal.record["judged_images"] == 2
+    assert cal.record["trained_on_images"] == len(train_imgs)
+    assert cal.record["good_mpx"] == pytest.approx(2 * 256 * 256 / 1e6)
+    assert "judged on the 2 image(s) the model has not seen" in format_kinds(cal.record)
+    only = calibrate(train_imgs, bundle.meta, _backend(ssim_model), residual="keep", plants=0)
+    assert only.record["judged_on_training_images"]
+    assert "every calibration image trained the model" in format_kinds(only.record)
