@@ -13,7 +13,14 @@ import pytest
 
 from linescan.backends import FunctionBackend
 from linescan.backends.torch_cpu import TorchBackend
-from linescan.calibrate import Calibration, calibrate, format_kinds, format_points, store
+from linescan.calibrate import (
+    MIN_JUDGED,
+    Calibration,
+    calibrate,
+    format_kinds,
+    format_points,
+    store,
+)
 from linescan.data.images import (
     TestSample,
     read_grey,
@@ -440,19 +447,32 @@ def test_a_flawed_good_image_is_left_out_and_named(ssim_model: Trained, tmp_path
 
 
 def test_false_alarms_are_judged_on_images_the_model_has_not_seen(
-    ssim_model: Trained, good: list[Path]
+    ssim_model: Trained, good: list[Path], tmp_path: Path
 ) -> None:
-    """The model trained on the dataset's train/good images: with the test/good ones given
-    too, false alarms are counted (and defects planted) on those two only, and the summary says
-    so; given only training images, it warns that the count flatters the model."""
+    """The model trained on the dataset's train/good images: given four images it has not seen
+    too (its two test/good ones and mirror images of them: the same material, new pixels),
+    false alarms are counted (and defects planted) on those four only, and the summary says so.
+    With only two new images (too few to judge a threshold on) every image is judged and the
+    summary warns that the count flatters the model; given only training images, likewise."""
     bundle = ssim_model.load()
     train_imgs = training_images(ssim_model.data)
-    assert len(good) == len(train_imgs) + 2
-    cal = calibrate(good, bundle.meta, _backend(ssim_model), residual="keep", plants=1)
-    assert cal.record["judged_images"] == 2
+    new = good[len(train_imgs) :]
+    assert len(new) == 2
+    assert MIN_JUDGED == 4
+    mirrored = []
+    for k, p in enumerate(new):
+        mirrored.append(tmp_path / f"mirror{k}.png")
+        write_grey(mirrored[-1], read_grey(p)[::-1, ::-1].copy())
+    cal = calibrate(good + mirrored, bundle.meta, _backend(ssim_model), residual="keep", plants=1)
+    assert cal.record["judged_images"] == 4
     assert cal.record["trained_on_images"] == len(train_imgs)
-    assert cal.record["good_mpx"] == pytest.approx(2 * 256 * 256 / 1e6)
-    assert "judged on the 2 image(s) the model has not seen" in format_kinds(cal.record)
+    assert not cal.record["judged_on_training_images"]
+    assert cal.record["good_mpx"] == pytest.approx(4 * 256 * 256 / 1e6)
+    assert "judged on the 4 image(s) the model has not seen" in format_kinds(cal.record)
+    few = calibrate(good, bundle.meta, _backend(ssim_model), residual="keep", plants=0)
+    assert few.record["judged_images"] == len(good)
+    assert few.record["judged_on_training_images"]
+    assert "only 2 calibration image(s) are new to the model" in format_kinds(few.record)
     only = calibrate(train_imgs, bundle.meta, _backend(ssim_model), residual="keep", plants=0)
     assert only.record["judged_on_training_images"]
     assert "every calibration image trained the model" in format_kinds(only.record)
