@@ -477,3 +477,46 @@ def test_a_state_dict_of_non_tensors_is_refused(bundle: Path) -> None:
     set_checksum(bundle)
     with pytest.raises(ModelError, match="not a plain state_dict"):
         load_bundle(bundle)
+
+
+def test_drop_oldest_never_discards_the_stop_a_failed_stage_left() -> None:
+    """When a stage fails, the daemon wakes the others with STOP in every queue. A frame
+    arriving then, with the ingest queue full under ``drop-oldest``, is dropped and counted
+    itself: the STOP stays, so the tiler still wakes and the daemon goes down."""
+    import queue
+
+    import numpy as np
+
+    from linescan.ingest import Frame
+    from linescan.metrics import Metrics
+    from linescan.stages.flow import Flow
+    from linescan.stages.items import STOP, FrameQueue, ReceivedFrame
+    from linescan.stages.receive import Receiver
+    from linescan.stages.state import Accounting
+
+    config = Config.model_validate({"queues": {"overload": "drop-oldest"}})
+    frames: FrameQueue = queue.Queue(1)
+    frames.put(STOP)
+    accounting = Accounting()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    try:
+        receiver = Receiver(
+            sock,
+            config,
+            load_bundle(Path(__file__).parent.parent / "engines" / "default").meta,
+            FrameLimits.from_config(config.frames),
+            Metrics(CollectorRegistry(), process=False),
+            accounting,
+            Flow(),
+            frames,
+        )
+        pixels = np.zeros((8, 64), np.uint8)
+        frame = Frame("cam", 0, 8, 64, "uint8", pixels, None, 0, None, None, False)
+        receiver._enqueue(ReceivedFrame(frame, 0, None))
+    finally:
+        sock.close(0)
+        ctx.term()
+    assert frames.get_nowait() is STOP
+    assert accounting.totals.frames_dropped == 1
+    assert accounting.totals.lines_dropped == 8

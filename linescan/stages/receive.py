@@ -171,8 +171,13 @@ class Receiver:
             if policy == "drop-oldest":
                 with contextlib.suppress(queue.Empty):
                     old = self.frames.get_nowait()
-                    if isinstance(old, ReceivedFrame):
-                        self._drop(old, "overload")
+                    if not isinstance(old, ReceivedFrame):
+                        # STOP (a stage failed and woke the others): it stays, the frame goes
+                        with contextlib.suppress(queue.Full):  # wake_all put another
+                            self.frames.put_nowait(old)
+                        self._drop(item, "overload")
+                        return
+                    self._drop(old, "overload")
                 try:
                     self.frames.put_nowait(item)
                 except queue.Full:
