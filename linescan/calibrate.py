@@ -235,6 +235,7 @@ def calibrate(
             quantile,
             budget_per_mpx,
             max_alarms_per_mpx,
+            leavable=[seen[i] for i in judged] if any(seen[i] for i in judged) else None,
         )
         for k in kinds
     }
@@ -401,8 +402,15 @@ def _evaluate(
     quantile: float,
     budget_per_mpx: float,
     max_alarms_per_mpx: float,
+    leavable: Sequence[bool] | None = None,
 ) -> dict[str, Any]:
-    """Thresholds, counts and the rule's threshold for one candidate residual."""
+    """Thresholds, counts and the rule's threshold for one candidate residual.
+
+    ``leavable``: which of ``goods`` may be left out of the false-alarm count as flawed (all
+    by default). Where images the model was trained on are judged beside new ones, only the
+    trained ones: a new image stands out because it is new (leaving it out would judge on
+    the training images alone), a trained one that stands out has a flaw.
+    """
     good_scores: list[F32] = []
     good_open: list[F32] = []
     rng = np.random.default_rng(0)
@@ -468,7 +476,7 @@ def _evaluate(
     if rule == "budget":
         budget, left_out = _leave_out_outliers(
             maps[: len(goods)], maps[len(goods) :], thresholds, area, settings, budget_per_mpx,
-            budget,
+            budget, leavable,
         )  # fmt: skip
     alarm_rate = _alarm_rate(synth, max_alarms_per_mpx)
     rule_values[f"budget {budget_per_mpx:g}/Mpx"] = budget.threshold
@@ -552,15 +560,19 @@ def _leave_out_outliers(
     settings: Settings,
     budget_per_mpx: float,
     budget: BudgetThreshold,
+    leavable: Sequence[bool] | None = None,
 ) -> tuple[BudgetThreshold, list[int]]:
     """Leave out "defect-free" images with a flaw: an image whose highest region scores at
     least ``OUTLIER_FACTOR`` times the budget threshold of the other images is left out of the
     false-alarm count (and named in the record), worst first, at most ``MAX_LEFT_OUT`` of the
-    images (none of fewer than ten). One flawed image must not blind the model; many are not
-    outliers but the material."""
+    images (none of fewer than ten), and only those ``leavable`` allows. One flawed image must
+    not blind the model; many are not outliers but the material."""
     peaks = [float(m.values.max()) if m.values.size else -math.inf for m in goods]
     left: list[int] = []
-    for j in sorted(range(len(goods)), key=lambda i: -peaks[i])[: int(MAX_LEFT_OUT * len(goods))]:
+    worst = sorted(range(len(goods)), key=lambda i: -peaks[i])[: int(MAX_LEFT_OUT * len(goods))]
+    for j in worst:
+        if leavable is not None and not leavable[j]:
+            break  # the worst that may not be left out sets the threshold anyway
         keep = [m for i, m in enumerate(goods) if i not in (*left, j)]
         trial = budget_threshold(
             count([*keep, *others], thresholds, area, settings.min_area_px), budget_per_mpx

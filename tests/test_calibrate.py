@@ -476,3 +476,37 @@ def test_false_alarms_are_judged_on_images_the_model_has_not_seen(
     only = calibrate(train_imgs, bundle.meta, _backend(ssim_model), residual="keep", plants=0)
     assert only.record["judged_on_training_images"]
     assert "every calibration image trained the model" in format_kinds(only.record)
+
+
+def test_a_new_image_judged_beside_training_images_is_never_left_out_as_flawed() -> None:
+    """Twenty defect-free score maps, one with a peak far above the rest. Left out as a flaw
+    (and the threshold falls below its peak) when any image may be; kept (it sets the
+    threshold) when it is the one new image among training images, which stands out because
+    it is new."""
+    from linescan.calibrate import _leave_out_outliers
+    from linescan.detection import SparseMap, budget_threshold, count
+
+    rng = np.random.default_rng(3)
+    maps = []
+    for i in range(20):
+        s = rng.uniform(0.0, 1.0, (64, 64)).astype(np.float32)
+        s[10 + i, 20] = 2.0 + 0.01 * i  # each image's highest alarm: about 2
+        if i == 7:
+            s[40:44, 40:44] = 9.0  # the outlier
+        maps.append(SparseMap.build(s, 0.5, s.size))
+    thresholds = np.linspace(0.5, 10.0, 200).tolist()
+    settings = Settings()
+    budget = 1.0  # alarms per Mpx: below one alarm in these 0.08 Mpx, so extrapolated
+
+    def area(a: int) -> int:
+        return a
+
+    full = budget_threshold(count(maps, thresholds, area, settings.min_area_px), budget)
+    assert full.threshold > 9.0
+    left, out = _leave_out_outliers(maps, [], thresholds, area, settings, budget, full)
+    assert out == [7]
+    assert left.threshold < 9.0
+    leavable = [i != 7 for i in range(20)]
+    kept, none = _leave_out_outliers(maps, [], thresholds, area, settings, budget, full, leavable)
+    assert none == []
+    assert kept.threshold == full.threshold
