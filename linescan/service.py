@@ -225,14 +225,18 @@ class Daemon:
                 self.replay.start()
                 self.replay_endpoint = self.replay.endpoint
             self._frames_sock = self._open_frames_socket()
+            self._warm_up()
+            if self.config.inspection.stride == "auto":
+                self._choose_stride()
         except BaseException:
+            # Nothing stays bound or open: a supervisor's restart can bind the same ports.
+            if self._frames_sock is not None:
+                self._frames_sock.close(linger=0)
+                self._frames_sock = None
             if self.publisher is not None:
                 self.publisher.close()
             self._close_extras()
             raise
-        self._warm_up()
-        if self.config.inspection.stride == "auto":
-            self._choose_stride()
         self.metrics.stride_px.set(self.grid.stride)
         for name, target in self._stages(self._frames_sock, self.publisher):
             t = threading.Thread(target=self._guard(target), name=f"linescan-{name}", daemon=True)

@@ -520,3 +520,33 @@ def test_drop_oldest_never_discards_the_stop_a_failed_stage_left() -> None:
     assert frames.get_nowait() is STOP
     assert accounting.totals.frames_dropped == 1
     assert accounting.totals.lines_dropped == 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_an_engine_that_fails_its_warm_up_leaves_no_port_bound(context: Context) -> None:
+    """The engine raises on its first (warm-up) batch: start() raises, and the frame and event
+    ports it had bound are free again, so the supervisor's restart binds the same ones."""
+
+    def broken(batch: Any) -> Any:
+        raise RuntimeError("engine out of memory")
+
+    frames, events = _free_port(), _free_port()
+    cfg = config(
+        frames={"endpoint": f"tcp://127.0.0.1:{frames}"},
+        events={"endpoint": f"tcp://127.0.0.1:{events}"},
+    )
+    from linescan.backends import FunctionBackend
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        Run(context, cfg, FunctionBackend(broken))
+    run = Run(context, cfg)  # the same ports
+    try:
+        assert run.daemon.frames_endpoint == f"tcp://127.0.0.1:{frames}"
+        assert run.daemon.events_endpoint == f"tcp://127.0.0.1:{events}"
+    finally:
+        run.finish()
