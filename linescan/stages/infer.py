@@ -40,6 +40,7 @@ class PendingJob:
     job: TileJob
     parts: list[F32] = field(default_factory=list)  # reconstructions so far, in tile order
     tiles_done: int = 0
+    arrived: float = 0.0  # time.monotonic() when its tiles began to wait
 
     @property
     def complete(self) -> bool:
@@ -76,13 +77,17 @@ class Inference:
         max_wait = self.max_wait
         pending: deque[PendingJob] = deque()
         waiting_tiles = 0
-        oldest = 0.0
         stop = False
+
+        def deadline() -> float:
+            # The oldest waiting tile's: a batch that ran does not restart the others' wait.
+            return next(p.arrived for p in pending if not p.complete) + max_wait
+
         while True:
             self.heartbeat()
             timeout = 0.1
             if waiting_tiles:
-                timeout = max(0.0, oldest + max_wait - time.monotonic())
+                timeout = max(0.0, deadline() - time.monotonic())
             item: TileWork | Stop | None = None
             if not stop:
                 try:
@@ -92,14 +97,11 @@ class Inference:
             if item is STOP:
                 stop = True
             elif item is not None:
-                if not pending or waiting_tiles == 0:
-                    oldest = time.monotonic()
-                pending.append(PendingJob(item.camera, item.job))
+                pending.append(PendingJob(item.camera, item.job, arrived=time.monotonic()))
                 waiting_tiles += item.job.n_tiles
-            flush = stop or (waiting_tiles and time.monotonic() >= oldest + max_wait)
+            flush = stop or (waiting_tiles and time.monotonic() >= deadline())
             while waiting_tiles >= max_batch or (flush and waiting_tiles):
                 waiting_tiles -= self._run_batch(pending, max_batch)
-                oldest = time.monotonic()
             while pending and pending[0].complete:
                 done = pending.popleft()
                 job = done.job
