@@ -823,13 +823,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--out", type=Path, required=True, help="model bundle directory to write")
     t.add_argument("--loss", choices=["ssim", "l2", "vae", "fm"], default="ssim")
-    t.add_argument(
-        "--latent",
-        type=int,
-        default=0,
-        help="latent size d; default auto: the paper's 100 for 128-px patches, at the same "
-        "compression for smaller ones (25 for 64 px)",
-    )
+    t.add_argument("--latent", type=int, default=100, help="latent size d (paper: 100)")
     t.add_argument(
         "--patch",
         type=_patch_arg,

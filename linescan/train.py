@@ -58,7 +58,7 @@ class TrainConfig:
     data: Path
     out: Path
     loss: Loss = "ssim"
-    latent: int = 100  # 0: from the patch (``latent_for``)
+    latent: int = 100
     patch: int = 128  # 0: chosen from the images (``choose_patch``)
     patches: int = 10_000
     epochs: int = 200
@@ -123,16 +123,6 @@ def choose_patch(images: Sequence[F32]) -> int:
         if side >= p:
             return p
     raise DataError(f"images of {side} px at the model's scale are smaller than a 16-px patch")
-
-
-def latent_for(patch: int) -> int:
-    """The paper's d = 100 for 128-px patches, at the same compression for smaller ones.
-
-    A 64-px patch through d = 100 keeps four times as much per pixel: the model learns to
-    reconstruct defects too (AITEX fabric_00 at 1/2 scale, 64-px patches: pixel AUROC 0.73
-    with d = 100, 0.83 with d = 25).
-    """
-    return max(8, round(100 * patch * patch / (128 * 128)))
 
 
 def load_images(paths: Sequence[Path], spec: InputSpec, patch: int) -> list[F32]:
@@ -377,12 +367,6 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> TrainResult:
             "smaller side at the model's scale; --patch to choose)\n"
         )
         cfg = replace(cfg, patch=chosen)
-    if not cfg.latent:
-        cfg = replace(cfg, latent=latent_for(cfg.patch))
-        log.write(
-            f"latent d={cfg.latent} (the paper's 100 for 128-px patches, at the same "
-            "compression; --latent to choose)\n"
-        )
     pos = crop_positions(images, cfg.patches, cfg.patch, cfg.seed)
 
     torch.manual_seed(cfg.seed)
@@ -412,14 +396,7 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> TrainResult:
         if not ckpt.is_file():
             raise ModelError(f"--resume: no checkpoint at {ckpt}")
         state = torch.load(ckpt, map_location=cfg.device, weights_only=True)
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise ModelError(
-                f"--resume: the checkpoint at {ckpt} holds a different network than "
-                f"d={cfg.latent}, patch {cfg.patch}: pass the --latent and --patch it was "
-                f"trained with ({str(exc).splitlines()[0]})"
-            ) from exc
+        model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"])
         epoch_loss = float(state.get("loss", float("nan")))

@@ -386,24 +386,3 @@ def test_auto_patch_is_recorded(
     res = train(train_config(woven_data, tmp_path / "m", patch=0, **QUICK), log=log)
     assert res.meta.patch == 64  # 256-px images at 1/2 scale: 128 px
     assert "patch 64 (the images are 128 px" in log.getvalue()
-
-
-def test_the_latent_size_follows_the_patch(
-    tmp_path: Path, woven_data: Path, train_config: ConfigFactory
-) -> None:
-    """latent 0 (the CLI's auto): the paper's d = 100 at 128 px, the same compression below
-    (64 px: 25); the chosen size is trained, recorded and said. Resuming that checkpoint with
-    another size is refused with a message naming the options, not a torch traceback."""
-    from linescan.train import latent_for
-
-    assert [latent_for(p) for p in (128, 64, 32, 16)] == [100, 25, 8, 8]
-    log = io.StringIO()
-    cfg = train_config(woven_data, tmp_path / "m", patch=0, latent=0, checkpoint_every=1, **QUICK)
-    res = train(cfg, log=log)
-    assert (res.meta.patch, res.meta.latent) == (64, 25)
-    assert "latent d=25" in log.getvalue()
-    again = train_config(
-        woven_data, tmp_path / "m", patch=64, latent=100, resume=True, patches=128, epochs=2
-    )
-    with pytest.raises(ModelError, match="pass the --latent and --patch it was trained with"):
-        train(again, log=io.StringIO())
