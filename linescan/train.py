@@ -396,7 +396,14 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> TrainResult:
         if not ckpt.is_file():
             raise ModelError(f"--resume: no checkpoint at {ckpt}")
         state = torch.load(ckpt, map_location=cfg.device, weights_only=True)
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise ModelError(
+                f"--resume: the checkpoint at {ckpt} holds a different network than "
+                f"d={cfg.latent}, patch {cfg.patch}: pass the --latent and --patch it was "
+                f"trained with ({str(exc).splitlines()[0]})"
+            ) from exc
         opt.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"])
         epoch_loss = float(state.get("loss", float("nan")))

@@ -386,3 +386,14 @@ def test_auto_patch_is_recorded(
     res = train(train_config(woven_data, tmp_path / "m", patch=0, **QUICK), log=log)
     assert res.meta.patch == 64  # 256-px images at 1/2 scale: 128 px
     assert "patch 64 (the images are 128 px" in log.getvalue()
+
+
+def test_resuming_with_another_network_is_refused_with_a_message(
+    tmp_path: Path, woven_data: Path, train_config: ConfigFactory
+) -> None:
+    """A checkpoint resumed with another latent size: a message naming the options, not a
+    torch traceback."""
+    _run(train_config, woven_data, tmp_path / "m", checkpoint_every=1, **QUICK)
+    again = train_config(woven_data, tmp_path / "m", latent=8, resume=True, patches=128, epochs=2)
+    with pytest.raises(ModelError, match="pass the --latent and --patch it was trained with"):
+        train(again, log=io.StringIO())
