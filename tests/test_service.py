@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import signal
 import socket
 import subprocess
@@ -39,7 +38,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -52,13 +51,13 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
+from viewkit import Subscriber
 
 from linescan.backends import Backend, FunctionBackend, create_backend
 from linescan.config import Config
 from linescan.data.synthetic import Defect, WovenWeb, plant_defects
 from linescan.errors import ConfigError, EngineError
 from linescan.ingest import encode_frame
-from linescan.listen import LossTracker, listen
 from linescan.metrics import MetricsServer
 from linescan.model.bundle import BundleMeta, build_module, load_bundle, save_bundle
 from linescan.pipeline import inspect_image, reconstruct
@@ -212,74 +211,6 @@ def make_config(**sections: dict[str, Any]) -> Config:
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
     return Config().with_overrides(base)
-
-
-class Subscriber:
-    """``linescan.listen.listen`` in a thread; the test reads what it heard in order.
-
-    It stops by itself on the daemon's final status message.
-    """
-
-    def __init__(self, endpoint: str) -> None:
-        self.endpoint = endpoint
-        self.defects: list[Body] = []
-        self.statuses: list[Body] = []
-        self.loss: LossTracker | None = None
-        self._q: queue.Queue[tuple[str, Body]] = queue.Queue()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="test-subscriber", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        def on_event(topic: str, body: Body) -> bool:
-            self._q.put((topic, body))
-            return bool(body.get("final")) or self._stop.is_set()
-
-        self.loss = listen(self.endpoint, on_event, timeout_s=5.0)
-
-    def until(self, done: Callable[[Body], bool], timeout: float = 30.0) -> Body:
-        """Read events until a status message satisfies ``done``; returns that status."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                last = self.statuses[-1] if self.statuses else None
-                pytest.fail(f"no status satisfied the condition in {timeout} s; last: {last}")
-            try:
-                topic, body = self._q.get(timeout=left)
-            except queue.Empty:
-                continue
-            if topic == "defect":
-                self.defects.append(body)
-            else:
-                self.statuses.append(body)
-                if done(body):
-                    return body
-
-    def joined(self) -> Body:
-        """Wait for the first status message: the subscription is live (PUB slow joiner)."""
-        return self.until(lambda s: True, timeout=10)
-
-    def final(self) -> Body:
-        return self.until(lambda s: bool(s["final"]))
-
-    def drained(self, frames: int) -> Body:
-        """Wait until ``frames`` frames are received and every one is inspected or dropped."""
-        return self.until(
-            lambda s: (
-                s["frames_received"] >= frames
-                and s["frames_inspected"] + s["frames_dropped"] == s["frames_received"]
-            )
-        )
-
-    def merged(self, key: str) -> list[Body]:
-        """``not_inspected`` or ``breaks`` from every status message, in order."""
-        return [rec for s in self.statuses for rec in s[key]]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        assert not self._thread.is_alive(), "subscriber did not stop"
 
 
 @dataclass

@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from linescan.backends import Backend, create_backend
 from linescan.config import Config
 from linescan.data.synthetic import Defect, WovenWeb, plant_defects
 from linescan.ingest import encode_frame
-from linescan.listen import listen
+from linescan.listen import LossTracker, listen
 from linescan.metrics import MetricsServer
 from linescan.model.bundle import BundleMeta, build_module, load_bundle, save_bundle
 from linescan.service import Daemon
@@ -98,15 +98,89 @@ def repeated_spots(
             for k in range(count)]  # fmt: skip
 
 
+class Subscriber:
+    """``linescan.listen.listen`` in a thread; the test reads what it heard in order.
+
+    It stops by itself on the daemon's final status message.
+    """
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.defects: list[Body] = []
+        self.statuses: list[Body] = []
+        self.loss: LossTracker | None = None
+        self._q: queue.Queue[tuple[str, Body]] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="test-subscriber", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        def on_event(topic: str, body: Body) -> bool:
+            self._q.put((topic, body))
+            return bool(body.get("final")) or self._stop.is_set()
+
+        self.loss = listen(self.endpoint, on_event, timeout_s=5.0)
+
+    def until(self, done: Callable[[Body], bool], timeout: float = 30.0) -> Body:
+        """Read events until a status message satisfies ``done``; returns that status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                last = self.statuses[-1] if self.statuses else None
+                pytest.fail(f"no status satisfied the condition in {timeout} s; last: {last}")
+            try:
+                topic, body = self._q.get(timeout=left)
+            except queue.Empty:
+                continue
+            if topic == "defect":
+                self.defects.append(body)
+            else:
+                self.statuses.append(body)
+                if done(body):
+                    return body
+
+    def joined(self) -> Body:
+        """Wait for the first status message: the subscription is live (PUB slow joiner)."""
+        return self.until(lambda s: True, timeout=10)
+
+    def final(self) -> Body:
+        return self.until(lambda s: bool(s["final"]))
+
+    def drained(self, frames: int) -> Body:
+        """Wait until ``frames`` frames are received and every one is inspected or dropped."""
+        return self.until(
+            lambda s: (
+                s["frames_received"] >= frames
+                and s["frames_inspected"] + s["frames_dropped"] == s["frames_received"]
+            )
+        )
+
+    def merged(self, key: str) -> list[Body]:
+        """``not_inspected`` or ``breaks`` from every status message, in order."""
+        return [rec for s in self.statuses for rec in s[key]]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        assert not self._thread.is_alive(), "subscriber did not stop"
+
+
 @dataclass
 class Running:
-    """A started daemon, its HTTP server (metrics and the page) and what a subscriber heard."""
+    """A started daemon, its HTTP server (metrics and the page) and a joined subscriber."""
 
     daemon: Daemon
     url: str
-    defects: list[Body] = field(default_factory=list)
-    statuses: list[Body] = field(default_factory=list)
-    _q: queue.Queue[tuple[str, Body]] = field(default_factory=queue.Queue)
+    sub: Subscriber
+
+    @property
+    def defects(self) -> list[Body]:
+        return self.sub.defects
+
+    @property
+    def statuses(self) -> list[Body]:
+        return self.sub.statuses
 
     def send(self, web: U8, height: int = 200, camera: str = "cam0", end: bool = True) -> int:
         """Send ``web`` in frames of ``height`` lines; returns how many frames."""
@@ -128,22 +202,7 @@ class Running:
         return n
 
     def until(self, done: Callable[[Body], bool], timeout: float = 60.0) -> Body:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                last = self.statuses[-1] if self.statuses else None
-                pytest.fail(f"no status satisfied the condition in {timeout} s; last: {last}")
-            try:
-                topic, body = self._q.get(timeout=left)
-            except queue.Empty:
-                continue
-            if topic == "defect":
-                self.defects.append(body)
-            else:
-                self.statuses.append(body)
-                if done(body):
-                    return body
+        return self.sub.until(done, timeout)
 
     def drained(self, frames: int) -> Body:
         """Every frame sent is inspected, and the segment's tail is out (``end`` flag)."""
@@ -167,34 +226,17 @@ def running(config: Config, bundle: Path) -> Iterator[Running]:
         daemon.registry, config.metrics.host, 0, lambda: daemon.ready, app=daemon.view
     )
     server.start()
-    stop = threading.Event()
-    run: Running | None = None
-    sub: threading.Thread | None = None
+    sub: Subscriber | None = None
     try:
         daemon.start()
-        run = Running(daemon, f"http://127.0.0.1:{server.port}")
-        joined = threading.Event()
-        q = run._q
-
-        def on_event(topic: str, body: Body) -> bool:
-            q.put((topic, body))
-            joined.set()
-            return bool(body.get("final")) or stop.is_set()
-
-        sub = threading.Thread(
-            target=listen, args=(daemon.events_endpoint, on_event), kwargs={"timeout_s": 10.0},
-            daemon=True,
-        )  # fmt: skip
-        sub.start()
-        if not joined.wait(10):
-            pytest.fail("the subscriber heard nothing from the daemon")
-        yield run
+        sub = Subscriber(daemon.events_endpoint)
+        sub.joined()
+        yield Running(daemon, f"http://127.0.0.1:{server.port}", sub)
     finally:
-        stop.set()
         daemon.stop()
         daemon.join(30)
         if sub is not None:
-            sub.join(10)
+            sub.close()
         server.stop()
 
 
