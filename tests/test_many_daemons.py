@@ -261,3 +261,36 @@ def test_three_daemons_one_subscriber_loses_nothing(tmp_path: Path) -> None:
         replayed = int(line.split("defect events: ", 1)[1].split(" replayed")[0])
         assert replayed > 0, line  # it joined late: the first events came from the journal
         assert line.endswith("lost: 0 []"), line
+
+
+def test_a_daemon_whose_port_was_taken_starts_again_on_new_ports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The test harness chooses free ports, and another process may take one before the
+    daemon binds it: the daemon exits naming the address, and the harness chooses again."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = int(taken.getsockname()[1])
+    real = soak.free_port
+    calls = iter(range(1000))
+
+    def first_metrics_port_taken() -> int:
+        return port if next(calls) == 3 else real()  # frames, events, replay, metrics
+
+    monkeypatch.setattr(soak, "free_port", first_metrics_port_taken)
+    bundle = fuzz.flat_bundle(tmp_path / "bundle")
+    (tmp_path / "d").mkdir()
+    d = soak.DaemonProcess(tmp_path / "d", bundle, curve=False)
+    assert d.ports["metrics"] == port
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        d.start(ctx, timeout=120)
+        assert d.ports["metrics"] != port
+        assert d.starts == 1
+    finally:
+        d.stop()
+        ctx.destroy(linger=0)
+        taken.close()

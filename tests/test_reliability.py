@@ -522,10 +522,16 @@ def test_drop_oldest_never_discards_the_stop_a_failed_stage_left() -> None:
     assert accounting.totals.lines_dropped == 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (all held open while they are chosen)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def test_an_engine_that_fails_its_warm_up_leaves_no_port_bound(context: Context) -> None:
@@ -535,7 +541,7 @@ def test_an_engine_that_fails_its_warm_up_leaves_no_port_bound(context: Context)
     def broken(batch: Any) -> Any:
         raise RuntimeError("engine out of memory")
 
-    frames, events = _free_port(), _free_port()
+    frames, events = _free_ports(2)
     cfg = config(
         frames={"endpoint": f"tcp://127.0.0.1:{frames}"},
         events={"endpoint": f"tcp://127.0.0.1:{events}"},

@@ -90,10 +90,19 @@ HEIGHT = fuzz.PATCH  # lines per frame
 OVERLOAD_HEIGHT = 4 * fuzz.PATCH  # taller frames: the sender's cost is per frame
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port never handed out before in this process (the kernel may offer a
+    just-closed port again: two daemons of one test on one port fail to start)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 def rss_kib(pid: int) -> int:
@@ -128,11 +137,6 @@ class DaemonProcess:
         self.workdir = workdir
         self.curve = curve
         self.state = workdir / "state" if state_directory else None
-        self.ports = {k: free_port() for k in ("frames", "events", "replay", "metrics")}
-        self.frames = f"tcp://127.0.0.1:{self.ports['frames']}"
-        self.events = f"tcp://127.0.0.1:{self.ports['events']}"
-        self.replay = f"tcp://127.0.0.1:{self.ports['replay']}"
-        self.metrics_url = f"http://127.0.0.1:{self.ports['metrics']}"
         self.journal = (self.state or workdir) / "journal.sqlite"
         self.log = workdir / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -160,6 +164,17 @@ class DaemonProcess:
             curve_events = 'curve_server_secret_key_file = "keys/events.key_secret"\n'
         self.limits = FrameLimits(4096, 4096, 4 << 20)
         self.config = workdir / "linescan.toml"
+        self._settings = (bundle, curve_frames, curve_events, camera, threads)
+        self._configure()
+
+    def _configure(self) -> None:
+        """Choose the ports and write the config."""
+        bundle, curve_frames, curve_events, camera, threads = self._settings
+        self.ports = {k: free_port() for k in ("frames", "events", "replay", "metrics")}
+        self.frames = f"tcp://127.0.0.1:{self.ports['frames']}"
+        self.events = f"tcp://127.0.0.1:{self.ports['events']}"
+        self.replay = f"tcp://127.0.0.1:{self.ports['replay']}"
+        self.metrics_url = f"http://127.0.0.1:{self.ports['metrics']}"
         self.config.write_text(
             f'[model]\nbundle = "{bundle}"\n'
             f'[frames]\nendpoint = "{self.frames}"\nmax_width = 4096\nmax_height = 4096\n'
@@ -218,8 +233,17 @@ class DaemonProcess:
         if self.proc is None:
             raise RuntimeError("wait_ready before launch")
         deadline = time.monotonic() + timeout
+        clashes = 0
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if "Address already in use" in self.tail() and clashes < 3 and self.starts == 1:
+                    # another process took a chosen port between the choice and the bind
+                    clashes += 1
+                    self.log.write_text("", encoding="utf-8")
+                    self.starts = 0
+                    self._configure()
+                    self.launch()
+                    continue
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.tail()}")
             try:
                 fetch(self.replay, 0, 1, timeout_s=0.5, context=ctx, configure=self.events_setup())
