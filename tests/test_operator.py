@@ -11,7 +11,6 @@ import csv
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from viewkit import (
     Body,
     Running,
     chromium_run,
+    free_ports,
     http,
     http_json,
     make_config,
@@ -211,24 +211,13 @@ def test_the_report_has_an_entry_and_a_row_per_event(scenario: Scenario, tmp_pat
 # --------------------------------------------------------------------------- the demo
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def test_the_demo_prints_the_page_and_serves_it_while_it_runs(tmp_path: Path) -> None:
     """`linescan demo` prints the page's address first, serves the page and its API while the
     web runs, and with --hold keeps it up after the summary until Ctrl-C."""
     bundle = save_detector(tmp_path / "detector")
     config = tmp_path / "demo.toml"
     config.write_text('[engine]\nthreads = 1\nprecision = "fp32"\n')
-    ports = _free_ports(3)
+    ports = free_ports(3)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "linescan.cli", "demo", "--config", str(config),

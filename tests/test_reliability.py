@@ -34,6 +34,7 @@ from linescan.service import Daemon
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import fuzz
 import soak
+from viewkit import free_ports
 
 Context = zmq.Context[zmq.Socket[bytes]]
 LIMITS = FrameLimits(max_width=4096, max_height=4096, max_bytes=1 << 20)
@@ -522,18 +523,6 @@ def test_drop_oldest_never_discards_the_stop_a_failed_stage_left() -> None:
     assert accounting.totals.lines_dropped == 8
 
 
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (all held open while they are chosen)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def test_an_engine_that_fails_its_warm_up_leaves_no_port_bound(context: Context) -> None:
     """The engine raises on its first (warm-up) batch: start() raises, and the frame and event
     ports it had bound are free again, so the supervisor's restart binds the same ones."""
@@ -541,7 +530,7 @@ def test_an_engine_that_fails_its_warm_up_leaves_no_port_bound(context: Context)
     def broken(batch: Any) -> Any:
         raise RuntimeError("engine out of memory")
 
-    frames, events = _free_ports(2)
+    frames, events = free_ports(2)
     cfg = config(
         frames={"endpoint": f"tcp://127.0.0.1:{frames}"},
         events={"endpoint": f"tcp://127.0.0.1:{events}"},

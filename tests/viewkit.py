@@ -14,6 +14,7 @@ import json
 import os
 import queue
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -238,6 +239,18 @@ def running(config: Config, bundle: Path) -> Iterator[Running]:
         if sub is not None:
             sub.close()
         server.stop()
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (all held open while they are chosen)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def http(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
